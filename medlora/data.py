@@ -1,0 +1,403 @@
+"""MedQuAD (or any question/answer table) -> cleaned rows -> leak-free split -> chat examples -> batches.
+
+Every dropped row is counted by reason. The validation split is made by *group*, not by row:
+MedQuAD repeats answers and asks the same question about the same condition in several sources
+(GARD and GHR cover the same diseases), so rows sharing a normalised answer or a question topic
+are joined (union-find) and whole groups go to one side. Batches are length-bucketed and
+right-padded: causal attention means real tokens never see the padding after them, so no
+attention mask is needed and padding stays at a few percent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .tokenizer import IGNORE, MEDICAL_SYSTEM_PROMPT, ChatFormatError, ChatTokenizer, validate_messages
+
+DEFAULT_DATA = "keivalya/MedQuad-MedicalQnADataset"
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "medquad" / "medquad.parquet"
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, row and field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+def _read_table(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(path).to_pylist()
+        if suffix == ".csv":
+            return pacsv.read_csv(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read {suffix[1:]} ({str(e).splitlines()[0][:200]})") from None
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8", errors="strict") as f:
+            try:
+                if suffix == ".json":
+                    data = json.load(f)
+                    return data if isinstance(data, list) else data.get("data", [])
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}: row {n}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: invalid UTF-8 near byte {e.start}") from None
+        return rows
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use parquet, csv, jsonl or a MedQuAD XML folder)")
+
+
+def _read_medquad_xml(folder: Path) -> list[dict]:
+    """The original abachaa/MedQuAD layout: folders of XML documents with <QAPair>s."""
+    import xml.etree.ElementTree as ET
+
+    rows = []
+    files = sorted(folder.rglob("*.xml"))
+    if not files:
+        raise DataError(f"{folder}: no .xml files (expected the MedQuAD XML layout)")
+    for f in files:
+        try:
+            root = ET.parse(f).getroot()
+        except ET.ParseError as e:
+            raise DataError(f"{f}: invalid XML ({e})") from None
+        for qa in root.iter("QAPair"):
+            q, a = qa.find("Question"), qa.find("Answer")
+            rows.append({"qtype": q.get("qtype") if q is not None else None,
+                         "Question": (q.text or "") if q is not None else None,
+                         "Answer": "".join(a.itertext()) if a is not None else None})
+    return rows
+
+
+def _hub_files(repo_id: str, revision: str | None) -> list[Path]:
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                    allow_patterns=["*.csv", "*.parquet", "*.jsonl"]))
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".csv", ".parquet", ".jsonl"))
+    if not files:
+        raise DataError(f"hub data set {repo_id}: no csv/parquet/jsonl file in the repository")
+    return files
+
+
+def load_source(spec: str | None = None, revision: str | None = None, verbose: bool = True) -> tuple[list[dict], dict]:
+    """Raw rows plus a record of where they came from (path(s) and sha256)."""
+    from .weights import sha256_file
+
+    spec = spec or DEFAULT_DATA
+    path = Path(spec)
+    note = ""
+    if path.is_dir():
+        files = sorted(path.rglob("*.xml"))
+        return _read_medquad_xml(path), {"source": spec, "kind": "medquad-xml", "files": len(files)}
+    if path.exists():
+        files, kind = [path], "file"
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.suffix:
+        try:
+            files, kind = _hub_files(spec, revision), "hub"
+        except DataError:
+            raise
+        except Exception as e:
+            if spec != DEFAULT_DATA or not SHIPPED_DATA.exists():
+                raise DataError(f"--data {spec}: cannot reach the hub ({type(e).__name__}) and it is not a local file") from None
+            note = f"{spec} unreachable ({type(e).__name__}); using the shipped copy {SHIPPED_DATA}"
+            if verbose:
+                print(f"[medlora] {note}", file=sys.stderr)
+            files, kind = [SHIPPED_DATA], "shipped"
+    else:
+        raise DataError(f"--data {spec}: no such file or folder")
+    rows = [r for f in files for r in _read_table(f)]
+    info = {"source": spec, "kind": kind, "files": [str(f) for f in files],
+            "sha256": {f.name: sha256_file(f) for f in files}, "rows": len(rows)}
+    if note:
+        info["note"] = note
+    return rows, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning
+# ---------------------------------------------------------------------------------------------
+_WS = re.compile(r"\s+")
+
+
+def collapse_ws(text: str) -> str:
+    """Collapse whitespace runs; keep paragraph breaks (a blank line) as one newline pair."""
+    paras = [_WS.sub(" ", p).strip() for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paras if p)
+
+
+@dataclass
+class Row:
+    question: str
+    answer: str
+    qtype: str | None
+    index: int  # position in the source (stable row identity for the recorded split)
+
+
+def clean_rows(raw: list[dict], question_col: str = "Question", answer_col: str = "Answer",
+               source: str = "data") -> tuple[list[Row], Counter]:
+    """Drop unusable rows (each counted by reason), collapse whitespace, drop exact duplicates."""
+    if raw and not any(question_col in r for r in raw[:1000]):
+        cols = sorted({k for r in raw[:100] if isinstance(r, dict) for k in r})
+        raise DataError(f"{source}: no column {question_col!r} (columns: {cols}); set --question-col")
+    if raw and not any(answer_col in r for r in raw[:1000]):
+        cols = sorted({k for r in raw[:100] if isinstance(r, dict) for k in r})
+        raise DataError(f"{source}: no column {answer_col!r} (columns: {cols}); set --answer-col")
+    counts: Counter = Counter()
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            counts["not a record"] += 1
+            continue
+        q, a = r.get(question_col), r.get(answer_col)
+        if q is None or a is None:
+            counts["missing question/answer"] += 1
+            continue
+        if not isinstance(q, str) or not isinstance(a, str):
+            counts["non-string question/answer"] += 1
+            continue
+        q, a = collapse_ws(q), collapse_ws(a)
+        if not q or not a:
+            counts["empty question/answer"] += 1
+            continue
+        if (q, a) in seen:
+            counts["exact duplicate"] += 1
+            continue
+        seen.add((q, a))
+        qtype = r.get("qtype")
+        rows.append(Row(q, a, qtype if isinstance(qtype, str) else None, i))
+    counts["kept"] = len(rows)
+    return rows, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Leak-free split
+# ---------------------------------------------------------------------------------------------
+_TOPIC_PATTERNS = [re.compile(p, re.I) for p in [
+    r"^what (?:is|are) (?:the )?(?:symptoms|signs|causes|treatments?|outlook|complications|stages|genetic changes related to|"
+    r"considerations for|research|diagnosis)(?: \(or [^)]*\))?(?: of| for| about| to)? (.+)$",
+    r"^what (?:is|are) \(?(?:are|is)?\)? ?(.+)$",
+    r"^(?:how to|how can i|how do i|how do you) (?:diagnose|prevent|treat|manage) (.+)$",
+    r"^how many people are affected by (.+)$",
+    r"^(?:who is|who are) at risk (?:for|of) (.+)$",
+    r"^is (.+?) inherited$",
+    r"^what causes (.+)$",
+    r"^do you have information about (.+)$",
+    r"^what to do for (.+)$",
+    r"^what research \(or clinical trials\) is being done for (.+)$",
+    r"^where to find support for people with (.+)$",
+]]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def question_topic(question: str) -> str:
+    """The condition a templated MedQuAD question is about ('What causes X ?' -> 'x')."""
+    q = question.strip().rstrip("?. ").strip()
+    for pat in _TOPIC_PATTERNS:
+        m = pat.match(q)
+        if m:
+            return _norm(m.group(1))
+    return _norm(q)
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Group rows that share a normalised answer or question topic; send whole groups to validation."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        for key in ("a:" + _norm(r.answer), "t:" + question_topic(r.question)):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(find(i), []).append(i)
+    order = sorted(groups.values(), key=lambda g: rows[g[0]].index)
+    random.Random(seed).shuffle(order)
+    target = round(val_fraction * len(rows))
+    val_idx: set[int] = set()
+    for g in order:
+        if len(val_idx) >= target:
+            break
+        if len(g) > max(50, target // 4):  # never let one huge group swing the split
+            continue
+        val_idx.update(g)
+    train = [r for i, r in enumerate(rows) if i not in val_idx]
+    val = [r for i, r in enumerate(rows) if i in val_idx]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat examples
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]
+    source: str = "medquad"
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def row_messages(question: str, answer: str | None = None, system_prompt: str = MEDICAL_SYSTEM_PROMPT) -> list[dict]:
+    msgs = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    return msgs + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def _truncate_answer(tok: ChatTokenizer, question: str, answer: str, max_len: int) -> str | None:
+    """Shorten an answer to fit `max_len` tokens, cutting at a sentence end when one is near."""
+    overhead = len(tok.encode_chat(row_messages(question, ""))) + 1
+    budget = max_len - overhead
+    if budget < 16:
+        return None
+    ids = tok.encode(answer)[:budget]
+    text = tok.decode(ids)
+    cut = max(text.rfind(". "), text.rfind(".\n"))
+    return text[: cut + 1] if cut > len(text) // 2 else text.rstrip()
+
+
+def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows: str = "drop",
+                   counts: Counter | None = None) -> list[Example]:
+    """Render each row as system + user + assistant and tokenise; handle over-long rows by policy."""
+    counts = counts if counts is not None else Counter()
+    out = []
+    for r in rows:
+        ids, labels = tok.encode_for_training(row_messages(r.question, r.answer))
+        if len(ids) > max_len:
+            if long_rows == "drop":
+                counts[f"longer than {max_len} tokens"] += 1
+                continue
+            short = _truncate_answer(tok, r.question, r.answer, max_len)
+            if short is None:
+                counts[f"question alone longer than {max_len} tokens"] += 1
+                continue
+            ids, labels = tok.encode_for_training(row_messages(r.question, short))
+            counts["answer truncated"] += 1
+        out.append(Example(ids, labels))
+    return out
+
+
+def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None) -> list[Example]:
+    """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first."""
+    from .tokenizer import with_safety_prompt
+
+    out = []
+    for n, rec in enumerate(_read_table(Path(path)), 1):
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        try:
+            validate_messages(msgs)
+            if msgs[-1]["role"] != "assistant":
+                raise ChatFormatError("the last message must be the assistant's answer")
+            ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
+        except ChatFormatError as e:
+            raise DataError(f"{path}: row {n}: field 'messages': {e}") from None
+        if len(ids) <= max_len:
+            out.append(Example(ids, labels, source or Path(path).stem))
+    return out
+
+
+def mix(base: list[Example], extra: list[Example], weight: float, seed: int) -> list[Example]:
+    """Add `extra` examples `weight` times over (fractions sampled), e.g. 2.5 = twice + half."""
+    rng = random.Random(seed)
+    whole, frac = int(weight), weight - int(weight)
+    picked = extra * whole + rng.sample(extra, round(frac * len(extra)))
+    return base + picked
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, bucket: int = 64) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of `bucket` batches, then shuffle the batches:
+    rows of similar length share a batch (little padding) while the order stays random."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * bucket
+    batches = []
+    for s in range(0, len(idx), window):
+        chunk = sorted(idx[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row of the batch: (input_ids [B, T], labels [B, T])."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return ids, labels
+
+
+def length_stats(examples: list[Example]) -> dict:
+    lens = sorted(len(e.ids) for e in examples)
+    if not lens:
+        return {}
+    pct = lambda p: lens[min(len(lens) - 1, math.floor(p / 100 * len(lens)))]  # noqa: E731
+    return {"n": len(lens), "tokens": sum(lens), "supervised": sum(e.n_supervised for e in examples),
+            "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": lens[-1]}
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    val: list[Example]
+    info: dict = field(default_factory=dict)
+
+
+def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Question", answer_col: str = "Answer",
+            max_len: int = 1024, long_rows: str = "drop", val_fraction: float = 0.1, seed: int = 0,
+            limit_rows: int | None = None, extra: list[str] | None = None, extra_weight: float = 1.0,
+            revision: str | None = None, verbose: bool = True) -> Dataset:
+    """The whole pipeline; `info` records source, hashes, counts and the split (for the run record)."""
+    raw, info = load_source(data, revision, verbose)
+    rows, counts = clean_rows(raw, question_col, answer_col, source=str(data or DEFAULT_DATA))
+    train_rows, val_rows = split_rows(rows, val_fraction, seed)
+    if limit_rows:  # after the split, so a small run's validation rows are still held out
+        n_val = max(1, round(limit_rows * val_fraction)) if val_fraction > 0 else 0
+        train_rows, val_rows = train_rows[: limit_rows - n_val], val_rows[:n_val]
+    train = build_examples(train_rows, tok, max_len, long_rows, counts)
+    val = build_examples(val_rows, tok, max_len, long_rows, Counter())
+    for path in extra or []:
+        ex = load_chat_jsonl(path, tok, max_len)
+        train = mix(train, ex, extra_weight, seed)
+        info.setdefault("extra", []).append({"path": str(path), "examples": len(ex), "weight": extra_weight})
+    info.update(cleaning=dict(counts), split={"seed": seed, "val_fraction": val_fraction,
+                                              "train_rows": len(train_rows), "val_rows": len(val_rows),
+                                              "val_index": sorted(r.index for r in val_rows)},
+                train=length_stats(train), val=length_stats(val))
+    return Dataset(train, val, info)

@@ -1,0 +1,154 @@
+"""Text generation: KV-cached decoding, sampling, stopping, streaming.
+
+One loop serves everything: `generate_ids` yields the next token of every row at each step;
+`generate` collects them; `stream_text` turns one row's tokens into text pieces that never
+split a multi-byte character. Batches are left-padded so every row's next token sits in the
+last column; rotary positions skip the padding so a padded row computes what it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .model import KVCache, Llama
+from .tokenizer import ChatTokenizer
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1 = off; HF's definition
+    seed: int | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenConfig,
+                gen: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token per row from float logits [B, V]; `seen` [B, S] holds ids to penalise."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        prev = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty))
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id: int = 0) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each row (None once a row has stopped)."""
+    device = model.lm_head.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt")
+    limit = model.config.max_position_embeddings
+    if P + cfg.max_new_tokens > limit:
+        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the context of {limit}")
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
+    slot = torch.arange(P, device=device)
+    valid = slot[None, :] >= pads[:, None]  # [B, P]: real (non-pad) slots
+    pos = (slot[None, :] - pads[:, None]).clamp(min=0)
+    mask = None
+    if bool((pads > 0).any()):
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        # Pad rows may attend to themselves so no softmax row is empty (that would give NaN).
+        mask = ((causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(model.config, B, P + cfg.max_new_tokens, device, dtype)
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    seen = idx.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(cfg.stop_ids), device=device, dtype=torch.long)
+    logits = model(idx, pos=pos, mask=mask, cache=cache)[:, -1]
+    next_pos = pos[:, -1] + 1
+    for step in range(cfg.max_new_tokens):
+        tok = sample_next(logits, seen, cfg, gen)
+        is_stop = torch.isin(tok, stop) if len(stop) else torch.zeros_like(done)
+        yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
+        done |= is_stop
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            return
+        seen = torch.cat([seen, tok[:, None]], 1)
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        step_mask = None if mask is None else valid[:, None, None, :]
+        logits = model(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
+        next_pos = next_pos + 1
+
+
+@dataclass
+class Generation:
+    ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (end-of-turn or stop token) or "length"
+
+
+def generate(model: Llama, tok: ChatTokenizer, prompts: list[list[int]], cfg: GenConfig) -> list[Generation]:
+    """Batched generation; returns each row's new tokens (stop token excluded) and text."""
+    stop_ids = cfg.stop_ids or tok.stop_ids
+    cfg = GenConfig(**{**cfg.__dict__, "stop_ids": stop_ids})
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    for step in generate_ids(model, prompts, cfg, pad_id=tok.pad_id):
+        for i, t in enumerate(step):
+            if t is None:
+                continue
+            if t in stop_ids:
+                stopped[i] = True
+            else:
+                out[i].append(t)
+    return [Generation(ids, tok.decode(ids), "stop" if s else "length") for ids, s in zip(out, stopped)]
+
+
+def stream_text(tok: ChatTokenizer, token_iter: Iterator[int], stop_ids: set[int]) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces; a piece is held back while it ends in an
+    incomplete UTF-8 sequence (decoded as U+FFFD), so multi-byte characters are never split."""
+    ids: list[int] = []
+    emitted = 0
+    for t in token_iter:
+        if t in stop_ids:
+            break
+        ids.append(t)
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > emitted:
+            yield text[emitted:]
+            emitted = len(text)
+    text = tok.decode(ids)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def stream_chat(model: Llama, tok: ChatTokenizer, messages: list[dict], cfg: GenConfig) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` as text pieces."""
+    prompt = tok.encode_chat(messages, add_generation_prompt=True)
+    stop_ids = cfg.stop_ids or tok.stop_ids
+    cfg = GenConfig(**{**cfg.__dict__, "stop_ids": stop_ids})
+    tokens = (step[0] for step in generate_ids(model, [prompt], cfg, pad_id=tok.pad_id))
+    yield from stream_text(tok, tokens, stop_ids)

@@ -1,0 +1,215 @@
+"""LoRA by hand: y = W x + (alpha / r) · B(A(dropout(x))), with W frozen.
+
+`LoRALinear` replaces an `nn.Linear` in place and keeps its weight under the same key
+(`...q_proj.weight`), so base checkpoints still load; the adapter adds `lora_A.weight` [r, in]
+and `lora_B.weight` [out, r]. B starts at zero, so a fresh adapter changes nothing; A starts
+Kaiming-uniform (as PEFT does), so B gets a gradient from step one.
+
+Adapters are saved in PEFT's on-disk format (`adapter_config.json`,
+`adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`) so PEFT loads ours
+and we load PEFT's. Mirrors torchtune's LoRALinear and minLoRA's one-line merge.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ALL_TARGETS, LoRAConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(RuntimeError):
+    """An adapter does not fit the model or is malformed; the message names file and tensor."""
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # same Parameter, same key: frozen base
+        self.weight.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        # LoRA weights are fp32 masters; they run in the activation dtype (autocast may lower it further).
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """scaling · B @ A in float32 (merging in bf16 loses the small update)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        merged = self.weight.float() + self.delta()
+        if not torch.isfinite(merged).all():
+            raise AdapterError("merge produced NaN/inf; the adapter weights are broken")
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Wrap every target projection in a LoRALinear and freeze everything else; return the names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in cfg.targets and isinstance(module, nn.Linear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, leaf, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora))
+            names.append(name)
+    if not names:
+        raise AdapterError(f"no module matched the LoRA targets {cfg.targets}")
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Trainable (LoRA) parameters per target module and in total, with their share of the model."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    per_target: dict[str, int] = {}
+    for name, m in lora_modules(model).items():
+        leaf = name.rsplit(".", 1)[-1]
+        per_target[leaf] = per_target.get(leaf, 0) + m.lora_A.weight.numel() + m.lora_B.weight.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "share": trainable / max(total, 1), "per_target": per_target}
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT on-disk format
+# ---------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA tensors under PEFT's on-disk keys."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+    return out
+
+
+def peft_config(cfg: LoRAConfig, base_model: str, extra: dict | None = None) -> dict:
+    d = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+    }
+    if extra:
+        d["medlora"] = extra  # our provenance (base model hash, run record pointer); PEFT ignores it
+    return d
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, cfg: LoRAConfig, base_model: str,
+                 extra: dict | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (each file atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "adapter_model.safetensors.tmp"
+    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "adapter_model.safetensors")
+    tmp = folder / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(peft_config(cfg, base_model, extra), indent=2))
+    os.replace(tmp, folder / "adapter_config.json")
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
+    """(LoRAConfig, raw adapter_config, tensors) — safetensors only, never pickle."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.exists() or not w_path.exists():
+        raise AdapterError(f"{folder}: expected adapter_config.json and adapter_model.safetensors (PEFT format)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
+    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
+        raise AdapterError(f"{cfg_path}: only plain LoRA adapters are supported")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        targets = list(ALL_TARGETS) if targets == "all-linear" else [targets]
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise AdapterError(f"{cfg_path}: per-module rank/alpha patterns are not supported")
+    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                     targets=list(targets), use_rslora=bool(raw.get("use_rslora", False)))
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{w_path}: cannot read safetensors ({e})") from None
+    return cfg, raw, tensors
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = False, trainable: bool = False) -> LoRAConfig:
+    """Inject LoRA as the adapter describes and load its weights (ours or PEFT's)."""
+    cfg, _, tensors = read_adapter(folder)
+    if not lora_modules(model):
+        inject_lora(model, cfg)
+    mods = lora_modules(model)
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (m, ab) for n, m in mods.items() for ab in "AB"}
+    # PEFT writes keys without the adapter name; strip one if a tool kept it (".lora_A.default.weight").
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    where = Path(folder) / "adapter_model.safetensors"
+    if missing or unexpected:
+        raise AdapterError(f"{where}: adapter does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for key, (m, ab) in expected.items():
+            dst = getattr(m, f"lora_{ab}").weight
+            if tuple(tensors[key].shape) != tuple(dst.shape):
+                raise AdapterError(f"{where}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                                   f"{tuple(dst.shape)} (an adapter for another base model?)")
+            dst.copy_(tensors[key])
+            dst.requires_grad_(trainable)
+    if merge:
+        merge_lora(model)
+    return cfg

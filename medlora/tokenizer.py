@@ -1,0 +1,196 @@
+"""Tokenizer and chat formatting: one renderer for training, evaluation and serving.
+
+The chat template is the model's own Jinja template, rendered the way transformers renders it
+(sandboxed, `trim_blocks`, `lstrip_blocks`), so our token ids equal `apply_chat_template`'s.
+Training labels come from spans we record while rendering: we render the conversation up to
+each assistant turn and then with it, and the difference is that turn. Its content and closing
+end-of-turn token are supervised; everything else gets -100. Nothing is inferred by comparing
+ids with the pad token (SmolLM's pad is its end-of-turn token, so that would mask the very
+token that teaches the model to stop).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+IGNORE = -100
+
+# The one system prompt: used by training data, evaluation and every serving path.
+MEDICAL_SYSTEM_PROMPT = (
+    "You are medlora, a careful medical information assistant. You are not a doctor and cannot "
+    "examine, diagnose or prescribe. Give clear, accurate general health information, say when "
+    "something needs a doctor or pharmacist, and tell the user to call emergency services for "
+    "emergencies such as chest pain, trouble breathing, stroke signs, severe bleeding or thoughts "
+    "of self-harm. Never give personal dosing instructions or steps for dangerous self-treatment."
+)
+
+
+class ChatFormatError(ValueError):
+    pass
+
+
+def _raise(msg: str):
+    raise ChatFormatError(msg)
+
+
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def validate_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ChatFormatError(f"message {i}: role must be system, user or assistant, got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise ChatFormatError(f"message {i}: content must be a string")
+
+
+@dataclass
+class ChatTokenizer:
+    tokenizer: Tokenizer
+    chat_template: str
+    eos_token: str = "<|im_end|>"
+    bos_token: str | None = None
+    pad_token: str | None = None
+    extra_stop_tokens: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._template = _jinja_env().from_string(self.chat_template)
+        self.eos_id = self.token_id(self.eos_token)
+        self.pad_id = self.token_id(self.pad_token) if self.pad_token else self.eos_id
+        self.stop_ids = {self.eos_id} | {self.token_id(t) for t in self.extra_stop_tokens}
+
+    # -- plain text ----------------------------------------------------------------------------
+    def token_id(self, token: str) -> int:
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ChatFormatError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat ------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        validate_messages(messages)
+        return self.encode(self.render(messages, add_generation_prompt))
+
+    def supervised_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Render `messages`; return the text and the [start, end) character spans of each
+        assistant turn's content plus its end-of-turn token."""
+        validate_messages(messages)
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            if i == 0:
+                raise ChatFormatError("the first message cannot be an assistant turn")
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            turn = self.render(messages[: i + 1])
+            if not (turn.startswith(prefix) and text.startswith(turn)):
+                raise ChatFormatError("chat template is not prefix-stable; cannot locate assistant turns")
+            rest = turn[len(prefix):]
+            start = rest.find(m["content"])
+            end_tok = rest.find(self.eos_token, start + len(m["content"]))
+            if start != 0 or end_tok < 0:
+                raise ChatFormatError(f"assistant turn {i}: template does not render content followed by {self.eos_token}")
+            spans.append((len(prefix), len(prefix) + end_tok + len(self.eos_token)))
+        return text, spans
+
+    def encode_for_training(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels): labels equal the ids on supervised tokens and IGNORE elsewhere."""
+        text, spans = self.supervised_spans(messages)
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        labels = [IGNORE] * len(enc.ids)
+        for j, (tid, (a, b)) in enumerate(zip(enc.ids, enc.offsets)):
+            if any(a < e and b > s for s, e in spans):  # token overlaps a supervised span
+                labels[j] = tid
+        return enc.ids, labels
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write `tokenizer.json` + `tokenizer_config.json` (with the chat template) the way
+        transformers reads them."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
+            "eos_token": self.eos_token, "pad_token": self.pad_token or self.eos_token,
+            "bos_token": self.bos_token, "unk_token": None, "add_bos_token": False,
+            "clean_up_tokenization_spaces": False, "model_max_length": 8192,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def load_tokenizer_folder(folder: str | os.PathLike) -> ChatTokenizer:
+    """Load `tokenizer.json` and the chat template from an HF model folder."""
+    folder = Path(folder)
+    tj = folder / "tokenizer.json"
+    if not tj.exists():
+        raise FileNotFoundError(f"{tj}: missing (medlora needs the fast-tokenizer file)")
+    tok = Tokenizer.from_file(str(tj))
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    template = cfg.get("chat_template")
+    if (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: take the default one
+        template = next(t["template"] for t in template if t.get("name") == "default")
+    if not template:
+        raise ChatFormatError(f"{folder}: no chat template in tokenizer_config.json or chat_template.jinja")
+
+    def tok_str(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    return ChatTokenizer(tok, template, eos_token=tok_str(cfg.get("eos_token")) or "<|im_end|>",
+                         bos_token=tok_str(cfg.get("bos_token")), pad_token=tok_str(cfg.get("pad_token")))
+
+
+def show_mask(tok: ChatTokenizer, ids: list[int], labels: list[int], color: bool | None = None) -> str:
+    """Render tokens with supervised ones highlighted: green on a terminal, [[...]] otherwise.
+    The quickest way to see a masking bug."""
+    color = sys.stdout.isatty() if color is None else color
+    out = []
+    for tid, lab in zip(ids, labels):
+        piece = tok.decode([tid], skip_special_tokens=False)
+        if lab == IGNORE:
+            out.append(f"\033[2m{piece}\033[0m" if color else piece)
+        else:
+            out.append(f"\033[42;30m{piece}\033[0m" if color else f"[[{piece}]]")
+    text = "".join(out)
+    return text if color else text.replace("]][[", "")
+
+
+def with_safety_prompt(messages: list[dict], system_prompt: str = MEDICAL_SYSTEM_PROMPT) -> list[dict]:
+    """Put the safe system prompt first, always. A caller's own system messages are kept, but
+    after it (appended to the same system turn), so they can add to it and never replace it."""
+    extra = [m["content"] for m in messages if m.get("role") == "system" and m.get("content")]
+    system = "\n\n".join([system_prompt, *extra])
+    return [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]

@@ -1,0 +1,83 @@
+"""Our Llama against transformers' LlamaForCausalLM: tiny random configs and the real weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medlora.config import ConfigError, ModelConfig
+from medlora.model import Llama
+from medlora.weights import load_into
+
+PROMPTS = [
+    "What are the symptoms of type 2 diabetes?",
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:",
+    "Potassium 5.9 mmol/L — is that high? 🤔",
+]
+
+
+def tiny_pair(tied: bool, kv_heads: int, seed: int = 0):
+    hf_cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                         rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1: randomise them so the test sees them
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = Llama(ModelConfig.from_hf(hf_cfg.to_dict()))
+    load_into(ours, hf.state_dict(), "tiny")
+    return ours.eval(), hf
+
+
+@pytest.mark.parametrize("tied,kv_heads", [(True, 2), (False, 4), (True, 1)])
+def test_tiny_logits_match_transformers(tied, kv_heads):
+    ours, hf = tiny_pair(tied, kv_heads)
+    idx = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(idx), hf(idx).logits
+    assert (a - b).abs().max().item() < 1e-4
+    if tied:
+        assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+
+
+def test_tiny_cached_decoding_matches_full_forward():
+    from medlora.model import KVCache
+
+    ours, _ = tiny_pair(True, 2)
+    idx = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(idx)
+        cache = KVCache(ours.config, 2, 16, "cpu", torch.float32)
+        parts = [ours(idx[:, :5], cache=cache)]  # prefill 5, then a chunk of 3, then one at a time
+        parts.append(ours(idx[:, 5:8], cache=cache))
+        parts += [ours(idx[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+
+
+def test_real_weights_logits_match_transformers(ours, hf_model):
+    model, tok = ours
+    worst = 0.0
+    for text in PROMPTS:
+        idx = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            worst = max(worst, (model(idx) - hf_model(idx).logits).abs().max().item())
+    assert worst <= 1e-3, worst
+
+
+def test_gguf_import_equals_transformers_gguf_loader(ours, hf_model):
+    model, _ = ours
+    theirs = hf_model.state_dict()
+    mine = model.state_dict()
+    assert set(mine) == set(theirs)
+    for k, v in mine.items():
+        assert torch.equal(v, theirs[k]), k
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ConfigError, match="missing required field"):
+        ModelConfig.from_hf({"model_type": "llama", "num_attention_heads": 4})

@@ -1,0 +1,32 @@
+"""The REPL and --prompt mode, driven through a real process and stdin."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(args, stdin=""):
+    return subprocess.run([sys.executable, "serve.py", *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_prompt_mode_answers_and_exits(gguf_path):
+    r = run(["--model", gguf_path, "--prompt", "What is the capital of France?", "--max-new-tokens", "20"])
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "[medlora] model:" in r.stderr  # which model is used goes to stderr, the answer to stdout
+
+
+def test_repl_commands(gguf_path):
+    r = run(["--model", gguf_path, "--max-new-tokens", "12"], "Hello\n/system Answer in one word.\n/system\n/reset\n/bogus\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.count("medlora> ") == 1 and "(conversation cleared)" in out and "Answer in one word." in out
+    assert "You are medlora" in out and "commands:" in out
+
+
+def test_bad_flags_fail_before_loading():
+    r = run(["--max-new-tokens", "0", "--prompt", "x"])
+    assert r.returncode == 2 and "max-new-tokens" in r.stderr

