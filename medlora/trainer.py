@@ -1,0 +1,342 @@
+"""The training loop, readable top to bottom.
+
+One optimizer step = `grad_accum` micro-batches. The loss of the step is the mean over *all*
+supervised tokens of those micro-batches (each micro-batch's summed loss is divided by the
+step's total token count), so short and long examples weigh the same per token however the
+batch is split. The head and cross-entropy run only where a label exists, in chunks
+(`head_loss`), so the [tokens, 49152] logits tensor never exists.
+
+Checkpoints (every `save_every` steps, on SIGINT/SIGTERM, and at the end) hold the LoRA weights,
+optimizer, scheduler, RNG, data position and early-stopping state: `--resume` continues with the
+same losses as an uninterrupted run. Left out here: distributed training (see the README).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, LoRAConfig
+from .data import Dataset, Example, bucketed_batches, collate
+from .lora import adapter_state_dict, lora_modules, lora_parameters, save_adapter
+from .model import Llama
+from .tokenizer import IGNORE
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 100
+    val_rows: int = 256  # validation rows used by periodic evaluation (the first N of the split)
+    save_every: int = 100
+    patience: int = 5  # evaluations without improvement before stopping; 0 = never stop early
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast; LoRA master weights stay fp32)
+    nan_policy: str = "stop"  # stop | skip
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--lr": self.lr > 0 and math.isfinite(self.lr), "--batch-size": self.batch_size >= 1,
+            "--grad-accum": self.grad_accum >= 1, "--epochs": self.epochs > 0,
+            "--max-steps": self.max_steps is None or self.max_steps >= 1, "--eval-every": self.eval_every >= 1,
+            "--save-every": self.save_every >= 1, "--patience": self.patience >= 0, "--clip": self.clip > 0,
+            "--warmup-steps": self.warmup_steps >= 0, "--weight-decay": self.weight_decay >= 0,
+            "--min-lr-ratio": 0 <= self.min_lr_ratio <= 1, "--val-rows": self.val_rows >= 1,
+        }
+        for flag, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{flag}: invalid value ({getattr(self, flag[2:].replace('-', '_'))})")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"--dtype for training must be fp32 or bf16, got {self.precision!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"--on-nan must be stop or skip, got {self.nan_policy!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: head + cross-entropy only at labelled positions, in chunks
+# ---------------------------------------------------------------------------------------------
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i) for a frozen head W. The gradient w.r.t. h is computed chunk by
+    chunk during the forward pass ((softmax - onehot) @ W), so neither pass keeps [N, vocab] logits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ w.t()).float()
+            lse = logits.logsumexp(-1)
+            tgt = t[s:s + chunk]
+            loss += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                p = (logits - lse[:, None]).exp_()
+                p[torch.arange(len(tgt), device=p.device), tgt] -= 1.0
+                grad[s:s + chunk] = (p.to(w.dtype) @ w).to(h.dtype)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None
+
+
+def head_loss(model: Llama, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """(summed CE over supervised tokens, their count). hidden [B, T, C] predicts labels shifted by one."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    h = hidden[:, :-1][keep]
+    t = target[keep]
+    w = model.lm_head.weight
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, w = h.to(dt), w.to(dt)
+    if w.requires_grad:  # a trainable head (not LoRA's case): take the plain path
+        logits = (h @ w.t()).float()
+        return torch.nn.functional.cross_entropy(logits, t, reduction="sum"), int(t.numel())
+    return _HeadCrossEntropy.apply(h, w, t, chunk), int(t.numel())
+
+
+def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision: str) -> tuple[torch.Tensor, int]:
+    device = ids.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = model(ids, hidden_only=True)
+        return head_loss(model, hidden, labels)
+
+
+def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                         device) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step, normalised by the step's total
+    supervised tokens (not per micro-batch, which would over-weight short examples).
+    Returns (mean loss per supervised token, number of supervised tokens)."""
+    n_sup = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro)
+    total = 0.0
+    for ids, labels in micro:
+        loss, _ = batch_loss(model, ids.to(device), labels.to(device), precision)
+        (loss / max(n_sup, 1)).backward()
+        total += loss.item()
+    return total / max(n_sup, 1), n_sup
+
+
+@torch.no_grad()
+def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id: int, precision: str,
+                  device) -> float:
+    """Mean loss per supervised token over `examples` (length-sorted batches, no padding waste)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    total, count = 0.0, 0
+    for s in range(0, len(order), batch_size):
+        ids, labels = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
+        loss, n = batch_loss(model, ids.to(device), labels.to(device), precision)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, plot, records
+# ---------------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
+    va = [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train (per step)", alpha=0.5, lw=1)
+        k = max(1, len(tr) // 20)  # a moving average makes the trend readable
+        sm = [sum(x for _, x in tr[max(0, i - k + 1):i + 1]) / len(tr[max(0, i - k + 1):i + 1]) for i in range(len(tr))]
+        ax.plot([s for s, _ in tr], sm, label=f"train (mean of {k})", lw=2)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation", lw=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per supervised token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("medlora LoRA fine-tuning")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def batch_stream(lengths: list[int], batch_size: int, seed: int, epoch: int, pos: int):
+    """Endless (epoch, position, batch) from a given data position; each epoch's order is a
+    function of (seed, epoch) only, so a resumed run sees exactly the same batches."""
+    while True:
+        batches = bucketed_batches(lengths, batch_size, seed + epoch)
+        for i in range(pos, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, pos = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run_dir: Path, pad_id: int,
+          base_model_id: str, adapter_extra: dict | None = None, resume: bool = False,
+          device: torch.device = torch.device("cpu"), log=print, on_step=None) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    params = lora_parameters(model)
+    if not params:
+        raise ConfigError("no LoRA parameters to train (inject LoRA first)")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    lengths = [len(e.ids) for e in ds.train]
+    steps_per_epoch = math.ceil(len(bucketed_batches(lengths, cfg.batch_size, 0)) / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    val = ds.val[: cfg.val_rows]
+    state = {"step": 0, "epoch": 0, "pos": 0, "best_val": float("inf"), "best_step": 0, "bad_evals": 0,
+             "tokens": 0, "supervised": 0, "elapsed": 0.0, "stopped_early": False}
+    torch.manual_seed(cfg.seed)
+
+    if resume:
+        c = ckpt.load(ckpt_path)
+        with torch.no_grad():
+            for name, m in lora_modules(model).items():
+                m.lora_A.weight.copy_(c["lora"][f"base_model.model.{name}.lora_A.weight"])
+                m.lora_B.weight.copy_(c["lora"][f"base_model.model.{name}.lora_B.weight"])
+        opt.load_state_dict(c["optimizer"])
+        sched.load_state_dict(c["scheduler"])
+        ckpt.set_rng_state(c["rng"])
+        state.update(c["state"])
+        # Keep only the metrics the checkpoint had seen, so the log reads like one run.
+        if metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= state["step"]]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        log(f"[medlora] resumed from {ckpt_path} at step {state['step']}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def save_checkpoint() -> None:
+        ckpt.save_atomic({"lora": adapter_state_dict(model), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "state": dict(state),
+                          "train_config": asdict(cfg), "lora_config": asdict(lora_cfg)}, ckpt_path)
+
+    def record(**rec) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    stop_signal: list[str] = []
+
+    def on_signal(signum, _frame):
+        stop_signal.append(signal.Signals(signum).name)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stream = batch_stream(lengths, cfg.batch_size, cfg.seed, state["epoch"], state["pos"])
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    if val and state["step"] == 0 and "base_val" not in state:
+        # Step 0 = the model before any update (B = 0): the baseline every later number is read against.
+        v0 = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device)
+        state["base_val"] = v0
+        record(kind="val", step=0, val_loss=v0, val_ppl=math.exp(min(v0, 50)))
+        tqdm.write(f"step 0 (base model): val loss {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f}) on {len(val)} rows")
+    t0 = time.time() - state["elapsed"]
+    window: list[tuple[float, int]] = []
+    try:
+        while state["step"] < total and not stop_signal:
+            micro = []
+            for _ in range(cfg.grad_accum):
+                epoch, pos, idx = next(stream)
+                micro.append(collate([ds.train[i] for i in idx], pad_id))
+                state["epoch"], state["pos"] = epoch, pos + 1
+            n_tok = sum(int((ids != pad_id).sum()) for ids, _ in micro)  # real (non-pad) tokens
+            step_t = time.time()
+            loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                opt.zero_grad(set_to_none=True)
+                if cfg.nan_policy == "stop":
+                    raise FloatingPointError(f"loss/gradient is not finite at step {state['step'] + 1} "
+                                             f"(loss={loss_val}, grad_norm={grad_norm}); the last good checkpoint "
+                                             f"is {ckpt_path}. Lower --lr or use --on-nan skip.")
+                log(f"[medlora] step {state['step'] + 1}: non-finite loss, batch skipped")
+                state["step"] += 1
+                sched.step()
+                continue
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += n_tok
+            state["supervised"] += n_sup
+            state["elapsed"] = time.time() - t0
+            window = (window + [(time.time() - step_t, n_tok)])[-20:]
+            tps = sum(n for _, n in window) / max(sum(t for t, _ in window), 1e-9)
+            record(kind="train", step=state["step"], loss=loss_val, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
+                   tokens=state["tokens"], supervised=state["supervised"], tok_per_s=tps, elapsed=state["elapsed"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}", best_val=f"{state['best_val']:.3f}")
+
+            last = state["step"] == total
+            if val and (state["step"] % cfg.eval_every == 0 or last):
+                v = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device)
+                record(kind="val", step=state["step"], val_loss=v, val_ppl=math.exp(min(v, 50)))
+                if v < state["best_val"]:
+                    state.update(best_val=v, best_step=state["step"], bad_evals=0)
+                    save_adapter(model, run_dir / "best_adapter", lora_cfg, base_model_id,
+                                 {**(adapter_extra or {}), "step": state["step"], "val_loss": v})
+                else:
+                    state["bad_evals"] += 1
+                tqdm.write(f"step {state['step']}: val loss {v:.4f} (ppl {math.exp(min(v, 50)):.2f}), "
+                           f"best {state['best_val']:.4f} @ {state['best_step']}")
+                if cfg.patience and state["bad_evals"] >= cfg.patience:
+                    state["stopped_early"] = True
+                    tqdm.write(f"early stop: no improvement in {cfg.patience} evaluations")
+                    save_checkpoint()
+                    break
+                plot_losses(metrics_path, run_dir / "loss.png")
+            if state["step"] % cfg.save_every == 0 or last:
+                save_checkpoint()
+            if on_step is not None:  # tests and tools hook in here (e.g. to interrupt a run)
+                on_step(state)
+        if stop_signal:
+            save_checkpoint()
+            log(f"\n[medlora] {stop_signal[0]}: checkpoint saved at step {state['step']}; "
+                f"resume with the same command plus --resume")
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    save_adapter(model, run_dir / "adapter", lora_cfg, base_model_id, {**(adapter_extra or {}), "step": state["step"]})
+    plot_losses(metrics_path, run_dir / "loss.png")
+    return {**state, "total_steps": total, "interrupted": bool(stop_signal), "minutes": state["elapsed"] / 60}

@@ -1,0 +1,130 @@
+"""Data pipeline: cleaning counts, the leak-free split on real MedQuAD, masking, batching."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from medlora.data import (DataError, Example, build_examples, bucketed_batches, clean_rows, collate, load_chat_jsonl,
+                          load_source, prepare, question_topic, split_rows)
+from medlora.tokenizer import IGNORE, MEDICAL_SYSTEM_PROMPT
+from medlora.trainer import batch_loss, head_loss
+
+
+def norm(t):
+    return re.sub(r"[^a-z0-9]+", " ", t.lower()).strip()
+
+
+def test_cleaning_counts_every_reason():
+    raw = [
+        {"Question": "What is X ?", "Answer": "X is   a\tthing.\n\n\n  Second  para."},
+        {"Question": "What is X ?", "Answer": "X is a thing.\n\nSecond para."},  # duplicate after whitespace collapse
+        {"Question": None, "Answer": "a"}, {"Question": "q", "Answer": 3}, {"Question": "  ", "Answer": "a"},
+        "not a dict", {"Question": "What is Y ?", "Answer": "Y."},
+    ]
+    rows, counts = clean_rows(raw)
+    assert [r.answer for r in rows] == ["X is a thing.\n\nSecond para.", "Y."]
+    assert counts == {"kept": 2, "exact duplicate": 1, "missing question/answer": 1, "non-string question/answer": 1,
+                      "empty question/answer": 1, "not a record": 1}
+    with pytest.raises(DataError, match="no column 'Answer'.*--answer-col"):
+        clean_rows([{"Question": "q", "Response": "a"}], source="f.csv")
+
+
+def test_question_topics():
+    assert question_topic("What are the symptoms of Early-onset myopathy ?") == "early onset myopathy"
+    assert question_topic("What is (are) Parkinson's Disease ?") == "parkinson s disease"
+    assert question_topic("Is Ehlers-Danlos syndrome inherited ?") == "ehlers danlos syndrome"
+    assert question_topic("Who is at risk for Lymphocytic Choriomeningitis (LCM)? ?") == "lymphocytic choriomeningitis lcm"
+
+
+def test_split_on_real_medquad_has_zero_overlap():
+    raw, info = load_source(verbose=False)
+    assert info["rows"] == 16407 and info["sha256"]["medquad.parquet"].startswith("4064909f")
+    rows, _ = clean_rows(raw)
+    train, val = split_rows(rows, 0.1, seed=0)
+    assert len(train) + len(val) == len(rows)
+    assert 0.09 <= len(val) / len(rows) <= 0.11
+    for key in (lambda r: norm(r.answer), lambda r: question_topic(r.question), lambda r: norm(r.question)):
+        assert not ({key(r) for r in train} & {key(r) for r in val})
+    again = split_rows(rows, 0.1, seed=0)[1]
+    assert [r.index for r in again] == [r.index for r in val]  # deterministic
+    assert [r.index for r in split_rows(rows, 0.1, seed=1)[1]] != [r.index for r in val]
+
+
+def test_examples_long_rows_and_system_prompt(ours):
+    _, tok = ours
+    rows, _ = clean_rows([{"Question": "What is anemia?", "Answer": "Anemia is a low red cell count. " * 60}])
+    counts = {}
+    assert build_examples(rows, tok, 128, "drop", counts := __import__("collections").Counter()) == []
+    assert counts["longer than 128 tokens"] == 1
+    ex = build_examples(rows, tok, 128, "truncate")[0]
+    supervised = [x for x in ex.labels if x != IGNORE]
+    assert len(ex.ids) <= 128 and supervised[-1] == tok.eos_id  # the template's trailing newline is not supervised
+    text = tok.decode(ex.ids, skip_special_tokens=False)
+    assert text.startswith(f"<|im_start|>system\n{MEDICAL_SYSTEM_PROMPT}<|im_end|>") and text.rstrip("\n").endswith("count.<|im_end|>")
+
+
+def test_extra_chat_jsonl(tmp_path, ours):
+    _, tok = ours
+    good = tmp_path / "extra.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "Can I double my dose?"},
+                                             {"role": "assistant", "content": "Please ask your pharmacist."}]}) + "\n")
+    ex = load_chat_jsonl(good, tok, 512)
+    assert len(ex) == 1 and MEDICAL_SYSTEM_PROMPT in tok.decode(ex[0].ids)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: invalid JSON"):
+        load_chat_jsonl(bad, tok, 512)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: field 'messages': .*assistant"):
+        load_chat_jsonl(bad, tok, 512)
+
+
+def test_bucketed_batches_cover_everything_with_little_padding(ours):
+    _, tok = ours
+    ds = prepare(tok, limit_rows=600, max_len=1024, verbose=False)
+    lengths = [len(e.ids) for e in ds.train]
+    batches = bucketed_batches(lengths, 8, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.05  # under 5% padding
+    assert batches != bucketed_batches(lengths, 8, seed=1)
+    assert ds.info["split"]["val_rows"] == 60 and len(ds.val) <= 60
+
+
+def test_padded_batch_loss_equals_one_by_one():
+    """Right padding + causal attention: no example is affected by another or by the padding."""
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for n in (5, 12, 9):
+        ids = torch.randint(3, 97, (n,), generator=g).tolist()
+        labels = [IGNORE] * (n // 2) + ids[n // 2:]
+        exs.append(Example(ids, labels))
+    ids, labels = collate(exs, pad_id=2)
+    with torch.no_grad():
+        together, n_all = batch_loss(m, ids, labels, "fp32")
+        alone = [batch_loss(m, *collate([e], 2), "fp32") for e in exs]
+    assert n_all == sum(n for _, n in alone) == sum(e.n_supervised for e in exs)
+    assert abs(together.item() - sum(l.item() for l, _ in alone)) < 1e-4
+
+
+def test_fused_head_loss_equals_plain_cross_entropy():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 10, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 10), generator=g)
+    labels[:, :4] = IGNORE
+    loss, n = head_loss(m, hidden, labels, chunk=7)  # several chunks
+    loss.backward()
+    h2 = hidden.detach().clone().requires_grad_(True)
+    logits = h2 @ m.lm_head.weight.t()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+    assert n == int((labels[:, 1:] != IGNORE).sum())
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert (hidden.grad - h2.grad).abs().max() <= 1e-5

@@ -1,0 +1,167 @@
+"""LoRA math, gradient flow, merging, and parity with PEFT (same weights, same forward and gradients)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import randomize_lora, tiny_model
+
+from medlora.config import ConfigError, LoRAConfig
+from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_modules, lora_parameters,
+                          merge_lora, parameter_report, save_adapter, unmerge_lora)
+
+IDX = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+def test_fresh_adapter_is_identity():
+    base = tiny_model()
+    with torch.no_grad():
+        ref = base(IDX)
+    inject_lora(base, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        assert torch.equal(base(IDX), ref)  # B = 0 exactly
+
+
+def test_merge_equals_unmerged_and_unmerge_restores():
+    m = tiny_model()
+    w0 = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    inject_lora(m, LoRAConfig(rank=4, alpha=8))
+    randomize_lora(m)
+    with torch.no_grad():
+        unmerged = m(IDX)
+        merge_lora(m)
+        merged = m(IDX)
+        assert (merged - unmerged).abs().max() <= 1e-5
+        assert not torch.equal(m.model.layers[0].self_attn.q_proj.weight, w0)
+        unmerge_lora(m)
+        assert (m.model.layers[0].self_attn.q_proj.weight - w0).abs().max() <= 1e-6
+        assert (m(IDX) - unmerged).abs().max() <= 1e-5
+
+
+def test_merge_refuses_nan():
+    m = tiny_model()
+    inject_lora(m, LoRAConfig(rank=2, alpha=4, targets="q_proj"))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B.weight.fill_(float("nan"))
+    with pytest.raises(AdapterError, match="NaN"):
+        merge_lora(m)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_only_lora_params_train_and_all_get_gradients(checkpointing):
+    m = tiny_model().train()
+    m.gradient_checkpointing = checkpointing
+    inject_lora(m, LoRAConfig(rank=4, alpha=8))
+    randomize_lora(m)
+    m(IDX).float().logsumexp(-1).mean().backward()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    for p in lora_parameters(m):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert m.model.embed_tokens.weight.grad is None and m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_scaling_and_rslora():
+    lin = torch.nn.Linear(8, 8, bias=False)
+    assert LoRALinear(lin, rank=4, alpha=8).scaling == 2.0
+    assert LoRALinear(torch.nn.Linear(8, 8, bias=False), rank=4, alpha=8, use_rslora=True).scaling == 8 / math.sqrt(4)
+    assert LoRAConfig(rank=16, alpha=16, use_rslora=True).scaling == 4.0
+
+
+def test_bad_lora_config():
+    with pytest.raises(ConfigError, match="--rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ConfigError, match="unknown module"):
+        LoRAConfig(targets="q_proj,qkv_proj")
+    assert LoRAConfig(targets="attention").targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_parameter_count_matches_formula():
+    m = tiny_model()
+    inject_lora(m, LoRAConfig(rank=4))
+    r = parameter_report(m)
+    d, f, kv = 32, 48, 2 * 8
+    per_layer = 4 * ((d + d) + (d + kv) * 2 + (d + d)) + 4 * ((d + f) * 2 + (f + d))
+    assert r["trainable"] == 2 * per_layer
+    assert r["per_target"]["q_proj"] == 2 * 4 * (d + d)
+
+
+# --------------------------------------------------------------------------------------------- PEFT
+@pytest.fixture()
+def hf_tiny(tmp_path, ours):
+    """The same tiny base as an HF folder, for PEFT."""
+    from medlora.weights import save_folder
+
+    _, tok = ours
+    base = tiny_model(seed=1, vocab_size=49152)
+    save_folder(base, tok, tmp_path / "base")
+    return base, tmp_path / "base"
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_our_adapter_same_logits_and_gradients(tmp_path, hf_tiny, rslora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, folder = hf_tiny
+    cfg = LoRAConfig(rank=4, alpha=16, use_rslora=rslora, targets="q_proj,v_proj,down_proj,gate_proj")
+    inject_lora(base, cfg)
+    randomize_lora(base, seed=3)
+    with torch.no_grad():  # also make A distinct per module
+        for m in lora_modules(base).values():
+            m.lora_A.weight.mul_(1.5)
+    save_adapter(base, tmp_path / "adapter", cfg, str(folder))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    idx = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(2))
+    base.train()
+    peft.train()
+    ours_logits, their_logits = base(idx), peft(input_ids=idx).logits
+    assert (ours_logits - their_logits).abs().max() <= 1e-5
+    ours_logits.float().pow(2).mean().backward()
+    their_logits.float().pow(2).mean().backward()
+    theirs = {n.replace(".default", ""): p for n, p in peft.named_parameters() if "lora_" in n}
+    for name, m in lora_modules(base).items():
+        for ab in "AB":
+            g_ours = getattr(m, f"lora_{ab}").weight.grad
+            g_theirs = theirs[f"base_model.model.{name}.lora_{ab}.weight"].grad
+            assert (g_ours - g_theirs).abs().max() <= 1e-5 * max(1.0, g_theirs.abs().max().item())
+
+
+def test_we_load_an_adapter_peft_wrote(tmp_path, hf_tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, folder = hf_tiny
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    peft = get_peft_model(hf, LoraConfig(r=8, lora_alpha=32, target_modules=["k_proj", "o_proj", "up_proj"],
+                                         init_lora_weights=False))  # random A and B
+    peft.save_pretrained(tmp_path / "peft_adapter")
+    idx = torch.randint(0, 49152, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = peft(input_ids=idx).logits
+        cfg = load_adapter(base, tmp_path / "peft_adapter")
+        assert cfg.rank == 8 and sorted(cfg.targets) == ["k_proj", "o_proj", "up_proj"]
+        assert (base(idx) - ref).abs().max() <= 1e-5
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    small = tiny_model()
+    inject_lora(small, LoRAConfig(rank=2))
+    save_adapter(small, tmp_path / "a", LoRAConfig(rank=2), "tiny")
+    other = tiny_model(hidden_size=64, num_attention_heads=8, num_key_value_heads=4)
+    with pytest.raises(AdapterError, match="shape"):
+        load_adapter(other, tmp_path / "a")
+    deeper = tiny_model(num_hidden_layers=3)
+    with pytest.raises(AdapterError, match="does not fit"):
+        load_adapter(deeper, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(AdapterError, match="cannot read safetensors"):
+        load_adapter(tiny_model(), tmp_path / "a")
+    with pytest.raises(AdapterError, match="PEFT format"):
+        load_adapter(tiny_model(), tmp_path / "missing")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2

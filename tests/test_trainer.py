@@ -1,0 +1,143 @@
+"""The training loop: accumulation normalisation, exact resume, and the CLI end to end on real data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from helpers import tiny_model
+
+from medlora.config import LoRAConfig
+from medlora.data import Dataset, Example, collate
+from medlora.lora import inject_lora, lora_parameters, read_adapter
+from medlora.tokenizer import IGNORE
+from medlora.trainer import TrainConfig, accumulate_gradients, train
+
+
+def synthetic(n: int, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = int(torch.randint(6, 30, (1,), generator=g))
+        ids = torch.randint(3, 97, (L,), generator=g).tolist()
+        cut = int(torch.randint(1, L - 2, (1,), generator=g))
+        out.append(Example(ids, [IGNORE] * cut + ids[cut:]))
+    return out
+
+
+def lora_model(seed=0):
+    m = tiny_model(seed=seed)
+    torch.manual_seed(seed)
+    inject_lora(m, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for p in lora_parameters(m):
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.train()
+
+
+def test_accumulation_equals_one_big_batch():
+    exs = synthetic(8)  # uneven lengths and uneven supervised counts
+    big = lora_model()
+    loss_big, n_big = accumulate_gradients(big, [collate(exs, 2)], "fp32", "cpu")
+    small = lora_model()
+    loss_small, n_small = accumulate_gradients(small, [collate(exs[i:i + 2], 2) for i in range(0, 8, 2)], "fp32", "cpu")
+    assert n_big == n_small and abs(loss_big - loss_small) < 1e-5
+    for a, b in zip(lora_parameters(big), lora_parameters(small)):
+        assert (a.grad - b.grad).abs().max() <= 1e-6 + 1e-4 * a.grad.abs().max()
+    # Averaging per micro-batch instead (the common bug) gives a different gradient here.
+    naive = lora_model()
+    from medlora.trainer import batch_loss
+    for i in range(0, 8, 2):
+        loss, n = batch_loss(naive, *collate(exs[i:i + 2], 2), "fp32")
+        (loss / n / 4).backward()
+    assert any((a.grad - b.grad).abs().max() > 1e-4 for a, b in zip(lora_parameters(big), lora_parameters(naive)))
+
+
+def run_tiny(tmp_path, name, max_steps=8, stop_at=None, resume=False, patience=0):
+    ds = Dataset(synthetic(40), synthetic(6, seed=9))
+    cfg = TrainConfig(lr=5e-3, max_steps=max_steps, batch_size=4, grad_accum=2, warmup_steps=2, eval_every=2,
+                      save_every=3, patience=patience, seed=1)
+    model = lora_model()
+
+    def on_step(state):
+        if stop_at and state["step"] == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: checkpoint, then a clean exit
+
+    return train(model, ds, cfg, LoRAConfig(rank=4, alpha=8), tmp_path / name, pad_id=2, base_model_id="tiny",
+                 resume=resume, on_step=on_step, log=lambda *a: None), model
+
+
+def losses(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_run(tmp_path):
+    full, full_model = run_tiny(tmp_path, "full")
+    part, _ = run_tiny(tmp_path, "split", stop_at=5)
+    assert part["interrupted"] and part["step"] == 5
+    resumed, resumed_model = run_tiny(tmp_path, "split", resume=True)
+    assert resumed["step"] == full["step"] == 8
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert [r["kind"] for r in a] == [r["kind"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x.get("loss", x.get("val_loss")) - y.get("loss", y.get("val_loss"))) < 1e-6
+    for p, q in zip(lora_parameters(full_model), lora_parameters(resumed_model)):
+        assert torch.equal(p, q)
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "full" / "best_adapter" / "adapter_model.safetensors").exists()
+
+
+def test_early_stopping(tmp_path):
+    ds = Dataset(synthetic(40), synthetic(6, seed=9))
+    cfg = TrainConfig(lr=3.0, max_steps=40, batch_size=4, warmup_steps=0, eval_every=1, patience=2, seed=1,
+                      schedule="constant", nan_policy="skip")  # absurd lr: validation gets worse
+    out = train(lora_model(), ds, cfg, LoRAConfig(rank=4, alpha=8), tmp_path / "es", 2, "tiny", log=lambda *a: None)
+    assert out["stopped_early"] and out["step"] < 40 and out["best_step"] < out["step"]
+
+
+def cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
+    out = tmp_path / "run"
+    r = cli("--rank", "8", "--limit-rows", "64", "--max-steps", "10", "--batch-size", "2", "--max-seq-len", "384",
+            "--eval-every", "5", "--val-rows", "4", "--save-every", "5", "--out", str(out), "--model", gguf_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("config.json", "split.json", "metrics.jsonl", "loss.png", "checkpoint.pt", "summary.json",
+              "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "best_adapter/adapter_config.json"):
+        assert (out / f).exists(), f
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["data"]["sha256"]["medquad.parquet"].startswith("4064909f")
+    assert len(rec["model"]["sha256"]) == 64 and rec["lora"]["rank"] == 8 and rec["train"]["max_steps"] == 10
+    assert rec["git"]["commit"] is None or len(rec["git"]["commit"]) == 40
+    assert rec["versions"]["torch"].startswith("2.")
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["kind"] == "train"] == list(range(1, 11))
+    assert [s["step"] for s in steps if s["kind"] == "val"] == [0, 5, 10]  # step 0 = the base model
+    cfg, raw, tensors = read_adapter(out / "adapter")
+    assert cfg.rank == 8 and len(tensors) == 30 * 7 * 2
+    assert "== summary ==" in r.stdout and "best val loss" in r.stdout
+    split = json.loads((out / "split.json").read_text())
+    assert split["val_rows"] == 6 and len(split["val_index"]) == 6
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--rank", "0"], "--rank"), (["--lr", "-1"], "--lr"), (["--targets", "q_proj,foo"], "unknown module"),
+    (["--batch-size", "0"], "--batch-size"), (["--resume"], "--resume needs --out"),
+])
+def test_bad_flags_fail_fast(args, msg):
+    r = cli(*args, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_missing_column_is_a_clear_error(tmp_path, gguf_path):
+    f = tmp_path / "qa.csv"
+    f.write_text("question,response\nWhat is x?,It is y.\n")
+    r = cli("--data", str(f), "--model", gguf_path, "--out", str(tmp_path / "o"), timeout=300)
+    assert r.returncode == 2 and "no column 'Question'" in r.stderr and "qa.csv" in r.stderr

@@ -1,0 +1,246 @@
+"""LoRA fine-tuning of SmolLM on MedQuAD.
+
+    python train.py --rank 8                      # the main job
+    python train.py --sanity                      # ~200 rows, overfit quickly, pass/fail verdict
+    python train.py --rank 8 --out runs/x --resume
+
+Writes a run folder: config.json (the run record), split.json, metrics.jsonl, loss.png,
+checkpoint.pt, adapter/ (latest) and best_adapter/ (best validation loss), summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from medlora.cli import add_model_flags, fraction, nonneg_int, pick_device, positive_float, positive_int
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=positive_int, default=8)
+    g.add_argument("--alpha", type=positive_float, default=None, help="default: 2 x rank")
+    g.add_argument("--dropout", type=fraction, default=0.0)
+    g.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma list of q_proj,...")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--init-adapter", default=None, help="start from this adapter (PEFT format) instead of zeros")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="hub data set id, parquet/csv/jsonl file or MedQuAD XML folder "
+                                                "(default: keivalya/MedQuad-MedicalQnADataset, shipped copy offline)")
+    g.add_argument("--question-col", default="Question")
+    g.add_argument("--answer-col", default="Answer")
+    g.add_argument("--max-seq-len", type=positive_int, default=1024)
+    g.add_argument("--long-rows", choices=["drop", "truncate"], default="drop", help="what to do with rows over --max-seq-len")
+    g.add_argument("--val-fraction", type=fraction, default=0.1)
+    g.add_argument("--limit-rows", type=positive_int, default=None, help="use only this many rows (split first)")
+    g.add_argument("--extra-data", action="append", default=[], help="extra chat JSONL ({'messages': [...]}), repeatable")
+    g.add_argument("--extra-weight", type=positive_float, default=1.0, help="how many times each extra example is used")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=positive_float, default=2e-4)
+    g.add_argument("--epochs", type=positive_float, default=1.0)
+    g.add_argument("--max-steps", type=positive_int, default=None)
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--warmup-steps", type=nonneg_int, default=20)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=positive_float, default=1.0)
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations (less memory)")
+    g.add_argument("--on-nan", choices=["stop", "skip"], default="stop")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=positive_int, default=100)
+    g.add_argument("--val-rows", type=positive_int, default=256, help="validation rows used by periodic evaluation")
+    g.add_argument("--save-every", type=positive_int, default=100)
+    g.add_argument("--patience", type=nonneg_int, default=5, help="evaluations without improvement; 0 = off")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<time>-r<rank>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--sanity", action="store_true", help="overfit ~200 rows quickly and check the basics")
+    args = p.parse_args(argv)
+    if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU
+        args.limit_rows, args.max_seq_len, args.long_rows = args.limit_rows or 200, 160, "truncate"
+        args.lr, args.batch_size, args.warmup_steps = 1e-3, 4, 5
+        args.max_steps = args.max_steps or 120
+        args.val_fraction, args.eval_every, args.patience = 0.0, 10**9, 0
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    if args.resume and not args.out:
+        p.error("--resume needs --out (the run folder to continue)")
+    if args.dtype == "float16":
+        p.error("--dtype float16 is not supported for training (no loss scaling); use bfloat16")
+    return args
+
+
+def git_commit() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"commit": sha or None, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "tokenizers", "safetensors", "huggingface_hub", "gguf", "pyarrow", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def sanity_checks(model, tok, ds, metrics_path: Path, device) -> dict:
+    """After overfitting a few hundred rows: did the loss fall, does the model reproduce training
+    answers, and does a non-medical question still get plain English?"""
+    from medlora.generate import GenConfig, generate
+    from medlora.tokenizer import with_safety_prompt
+
+    losses = [json.loads(x)["loss"] for x in metrics_path.read_text().splitlines() if '"train"' in x]
+    k = max(1, len(losses) // 10)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    model.eval()
+    samples = ds.train[:5]
+    prompts, refs = [], []
+    for e in samples:
+        cut = next(i for i, lab in enumerate(e.labels) if lab != -100)
+        prompts.append(e.ids[:cut])
+        refs.append([x for x in e.labels[cut:] if x != -100 and x != tok.eos_id][:40])
+    outs = generate(model, tok, prompts, GenConfig(max_new_tokens=40))
+    overlap = [sum(a == b for a, b in zip(o.ids, r)) / max(len(r), 1) for o, r in zip(outs, refs)]
+    general = generate(model, tok, [tok.encode_chat(with_safety_prompt([{"role": "user", "content": q}]), True)
+                                    for q in ("What is the capital of France?", "Name three primary colors.")],
+                       GenConfig(max_new_tokens=48))
+    texts = [g.text for g in general]
+    letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for t in texts for c in t) / max(1, sum(len(t) for t in texts))
+    checks = {
+        "loss_fell": {"first": first, "last": last, "pass": last < 0.7 * first},
+        "reproduces_training_answers": {"token_match": overlap, "mean": sum(overlap) / len(overlap),
+                                        "pass": sum(overlap) / len(overlap) >= 0.5},
+        "general_english": {"answers": texts, "ascii_letter_share": letters,
+                            "pass": "paris" in texts[0].lower() and letters > 0.85},
+    }
+    checks["verdict"] = "PASS" if all(c["pass"] for c in checks.values() if isinstance(c, dict)) else "FAIL"
+    return checks
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from medlora.config import ConfigError, LoRAConfig
+    from medlora.data import DataError, prepare
+    from medlora.lora import inject_lora, load_adapter, parameter_report
+    from medlora.trainer import TrainConfig, train
+    from medlora.weights import load_pretrained
+
+    device = pick_device(args.device)
+    precision = {"auto": "bf16" if device.type == "cuda" else "fp32", "float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+    try:  # every flag is checked before the model or data is touched
+        lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
+                              use_rslora=args.rslora)
+        tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, schedule=args.schedule,
+                           weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
+                           val_rows=args.val_rows, save_every=args.save_every, patience=args.patience,
+                           seed=args.seed, precision=precision, nan_policy=args.on_nan,
+                           gradient_checkpointing=args.grad_checkpoint)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-r{args.rank}")
+    if args.resume and not (run_dir / "checkpoint.pt").exists():
+        print(f"error: --resume: no checkpoint at {run_dir / 'checkpoint.pt'}", file=sys.stderr)
+        return 2
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        print(f"error: --out {run_dir}: not writable ({e.strerror})", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed)
+    model, tok, model_info = load_pretrained(args.model, args.revision, device=device)
+    try:
+        ds = prepare(tok, args.data, args.question_col, args.answer_col, args.max_seq_len, args.long_rows,
+                     args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not ds.train:
+        print("error: no training examples left after cleaning", file=sys.stderr)
+        return 2
+    if args.init_adapter:
+        lora_cfg = load_adapter(model, args.init_adapter, trainable=True)
+    else:
+        inject_lora(model, lora_cfg)
+    model.to(device)
+    report = parameter_report(model)
+    split = ds.info.pop("split")
+    (run_dir / "split.json").write_text(json.dumps(split))
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else "train.py " + " ".join(argv),
+        "model": model_info, "data": ds.info,
+        "split": {k: v for k, v in split.items() if k != "val_index"} | {"file": "split.json"},
+        "lora": asdict(lora_cfg), "train": asdict(tcfg), "max_seq_len": args.max_seq_len, "long_rows": args.long_rows,
+        "init_adapter": args.init_adapter, "parameters": report, "git": git_commit(), "versions": versions(),
+        "device": str(device), "sanity": args.sanity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if not args.resume or not (run_dir / "config.json").exists():
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    print(f"[medlora] LoRA r={lora_cfg.rank} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: "
+          f"{report['trainable']:,} trainable of {report['total']:,} ({100 * report['share']:.2f}%)")
+    print(f"[medlora] data: {len(ds.train)} train / {len(ds.val)} val examples; cleaning {ds.info['cleaning']}")
+    extra = {"base_sha256": model_info.get("sha256") if isinstance(model_info.get("sha256"), str) else None,
+             "base_id": model_info["id"]}
+    try:
+        summary = train(model, ds, tcfg, lora_cfg, run_dir, tok.pad_id, model_info.get("requested", model_info["id"]),
+                        extra, resume=args.resume, device=device)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    summary.update(run_dir=str(run_dir), adapter=str(run_dir / "adapter"),
+                   best_adapter=str(run_dir / "best_adapter") if (run_dir / "best_adapter").exists() else None,
+                   loss_plot=str(run_dir / "loss.png"), tokens_per_s=summary["tokens"] / max(summary["elapsed"], 1e-9))
+    if args.sanity and not summary["interrupted"]:
+        summary["sanity"] = sanity_checks(model, tok, ds, run_dir / "metrics.jsonl", device)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n== summary ==")
+    print(f"steps {summary['step']}/{summary['total_steps']}  tokens {summary['tokens']:,} "
+          f"(supervised {summary['supervised']:,})  time {summary['minutes']:.1f} min  "
+          f"{summary['tokens_per_s']:.0f} tok/s")
+    if "base_val" in summary:
+        print(f"base model val loss {summary['base_val']:.4f} (ppl {math.exp(summary['base_val']):.2f})")
+    if math.isfinite(summary["best_val"]):
+        print(f"best val loss {summary['best_val']:.4f} (ppl {math.exp(summary['best_val']):.2f}) at step "
+              f"{summary['best_step']}{'  [stopped early]' if summary['stopped_early'] else ''}")
+    print(f"run folder {run_dir}: adapter/, {'best_adapter/, ' if summary['best_adapter'] else ''}loss.png, "
+          f"metrics.jsonl, config.json, checkpoint.pt")
+    if "sanity" in summary:
+        s = summary["sanity"]
+        print(f"sanity: loss {s['loss_fell']['first']:.3f} -> {s['loss_fell']['last']:.3f} "
+              f"[{'ok' if s['loss_fell']['pass'] else 'FAIL'}]; training answers reproduced "
+              f"{s['reproduces_training_answers']['mean']:.2f} [{'ok' if s['reproduces_training_answers']['pass'] else 'FAIL'}]; "
+              f"general English {s['general_english']['answers'][0][:60]!r} [{'ok' if s['general_english']['pass'] else 'FAIL'}]")
+        print(f"SANITY {s['verdict']}")
+        return 0 if s["verdict"] == "PASS" else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
