@@ -83,10 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def git_commit() -> dict:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        sha = r.stdout.strip()
+        if r.returncode != 0 or len(sha) != 40:  # not a git checkout (e.g. a copied tree)
+            return {"commit": None, "dirty": None}
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
-        return {"commit": sha or None, "dirty": dirty}
+        return {"commit": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
