@@ -1,7 +1,8 @@
-"""Talk to the model: a streaming chat REPL, or one answer with --prompt.
+"""Talk to the model: a streaming chat REPL, one answer with --prompt, or an HTTP server with --http.
 
     python serve.py                          # interactive; /reset, /system [TEXT], /quit
     python serve.py --prompt "What is anemia?"
+    python serve.py --http --port 8000       # OpenAI-compatible API + chat page on http://127.0.0.1:8000
 
 Every conversation runs under medlora's safe medical system prompt (medlora/tokenizer.py);
 /system TEXT adds instructions after it, never instead of it.
@@ -9,9 +10,10 @@ Every conversation runs under medlora's safe medical system prompt (medlora/toke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from medlora.cli import add_generation_flags, add_model_flags, pick_device, pick_dtype
+from medlora.cli import add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, with_safety_prompt
 
@@ -24,11 +26,14 @@ def build(args):
     device = pick_device(args.device)
     model, tok, info = load_pretrained(args.model, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
     if getattr(args, "adapter", None):
-        from medlora.lora import load_adapter
+        from medlora.lora import adapter_base_mismatch, load_adapter
 
+        problem = adapter_base_mismatch(args.adapter, info)
+        if problem:
+            raise SystemExit(f"error: {problem}")
         load_adapter(model, args.adapter, merge=True)
         print(f"[medlora] adapter: {args.adapter} (merged)", file=sys.stderr)
-    return model, tok
+    return model, tok, info
 
 
 def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout) -> str:
@@ -78,16 +83,60 @@ def repl(model, tok, gen: GenConfig) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def add_http_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP server (--http)")
+    g.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API and the chat page")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("MEDLORA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $MEDLORA_API_KEY)")
+    g.add_argument("--feedback-file", default="feedback.jsonl", help="where POST /v1/feedback appends records")
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=2048, help="longest prompt accepted, in tokens")
+    g.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for")
+    g.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="largest request body accepted")
+    g.add_argument("--max-batch", type=positive_int, default=1,
+                   help="decode up to N waiting greedy requests together (default 1: one by one, so answers are "
+                        "exactly reproducible; >1 is faster under load, see README)")
+
+
+def http(model, tok, info: dict, args) -> int:
+    from medlora.server import Settings, serve
+
+    settings = Settings(
+        model_id="medlora", base_model=info["id"], adapter=args.adapter, api_key=args.api_key,
+        feedback_file=args.feedback_file, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
+        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    serve(model, tok, settings, args.host, args.port)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     add_generation_flags(p)
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
+    add_http_flags(p)
     args = p.parse_args(argv)
-    model, tok = build(args)
-    gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:  # check the settings before the slow model load
+        gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        p.error(str(e))
+    if args.http:
+        if args.prompt is not None:
+            p.error("--prompt and --http do not go together")
+        if args.max_new_tokens > args.max_tokens_limit:
+            p.error("--max-new-tokens (the default max_tokens of a request) is above --max-tokens-limit")
+        try:
+            import fastapi, uvicorn  # noqa: F401  (fail before the slow model load)
+        except ImportError as e:
+            p.error(f"--http needs fastapi and uvicorn ({e}): pip install -r requirements.txt")
+    model, tok, info = build(args)
+    if args.http:
+        return http(model, tok, info, args)
     if args.prompt is not None:
         if not args.prompt.strip():
             p.error("--prompt is empty")

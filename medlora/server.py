@@ -1,0 +1,445 @@
+"""An OpenAI-compatible HTTP server for the chat model, with a small chat page and a feedback log.
+
+    python serve.py --http --adapter runs/r8/best_adapter      # http://127.0.0.1:8000
+
+Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, POST /v1/feedback,
+GET /health, GET / (the chat page in medlora/web/).
+
+One model, one owner: the worker thread in medlora/worker.py holds the model and takes requests
+from a queue (one at a time by default; --max-batch N decodes waiting greedy requests together).
+This side never touches the model: it parses and checks requests, tokenizes them, and relays
+the worker's text pieces to the client.
+
+Safety: every conversation is rendered under MEDICAL_SYSTEM_PROMPT via `with_safety_prompt`,
+the same template training uses; a client's system message is added after it, never instead.
+
+Left out: tools/function calls, n > 1, logprobs, penalties other than the server's
+--repetition-penalty, and continuous batching (a request that arrives mid-batch waits for it).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .tokenizer import ChatFormatError, ChatTokenizer, with_safety_prompt
+from .worker import Engine, Job
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and errors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    model_id: str = "medlora"
+    base_model: str = ""
+    adapter: str | None = None
+    api_key: str | None = None
+    feedback_file: str = "feedback.jsonl"
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1_000_000
+    max_batch: int = 1  # >1 trades exact reproducibility for throughput (medlora/worker.py)
+    temperature: float = 0.0  # defaults for requests that leave them out
+    top_p: float = 1.0
+    top_k: int = 0  # server-wide (not in the OpenAI API)
+    repetition_penalty: float = 1.0  # server-wide
+
+
+class ApiError(Exception):
+    """An error the client caused (or may retry), sent in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: plain checks, so every bad field gets a 400 that names it
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    model: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def parse_messages(raw: Any, param: str = "messages") -> list[dict]:
+    """OpenAI messages -> [{"role", "content"}] with our three roles; text parts are joined."""
+    if not isinstance(raw, list):
+        raise ApiError(400, f"'{param}' must be a list of messages", param, "invalid_type")
+    if not raw:
+        raise ApiError(400, f"'{param}' must not be empty", param, "empty_array")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"{param}[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role: {str(role)[:40]!r} is not supported (use system, user or assistant)",
+                           f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": "..."}]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"{where}.content: only text parts are supported", f"{where}.content", "invalid_value")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string", f"{where}.content", "invalid_type")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    messages = parse_messages(body.get("messages"))
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be from the user", "messages", "invalid_value")
+
+    model = body.get("model", settings.model_id)
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
+
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
+    if max_tokens is None:
+        max_tokens = settings.default_max_tokens
+    elif not _is_int(max_tokens) or max_tokens < 1:
+        raise ApiError(400, f"'{param}' must be an integer >= 1", param, "invalid_value")
+    elif max_tokens > settings.max_tokens_limit:
+        raise ApiError(400, f"'{param}' is {max_tokens}; this server allows at most {settings.max_tokens_limit}",
+                       param, "invalid_value")
+
+    def number(name: str, default: float, ok, rule: str) -> float:
+        v = body.get(name)
+        if v is None:
+            return default
+        if not _is_number(v) or not ok(v):
+            raise ApiError(400, f"'{name}' must be a number {rule}, got {str(v)[:40]}", name, "invalid_value")
+        return float(v)
+
+    temperature = number("temperature", settings.temperature, lambda v: 0 <= v <= 2, "in [0, 2]")
+    top_p = number("top_p", settings.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, "'seed' must be an integer", "seed", "invalid_type")
+
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", "stop", "invalid_value")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: keep going past end-of-turn
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos", "invalid_type")
+
+    return ChatRequest(messages, model, max_tokens, temperature, top_p, seed, stop, stream,
+                       bool(opts.get("include_usage")), ignore_eos)
+
+
+def encode_prompt(tok: ChatTokenizer, messages: list[dict], settings: Settings) -> list[int]:
+    """The prompt ids, always under the safe system prompt, with the training template."""
+    try:
+        ids = tok.encode_chat(with_safety_prompt(messages), add_generation_prompt=True)
+    except ChatFormatError as e:
+        raise ApiError(400, f"messages: {e}", "messages", "invalid_value") from None
+    if len(ids) > settings.max_prompt_tokens:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens (with the system prompt); this server allows "
+                            f"at most {settings.max_prompt_tokens}", "messages", "context_length_exceeded")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Feedback log
+# ---------------------------------------------------------------------------------------------
+class FeedbackLog:
+    """Appends one JSON line per record: under a lock, one unbuffered write(2) and an fsync per
+    record, so records from concurrent requests never interleave and an acknowledged one is on disk."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.lock = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # a torn last line (crash, full disk) must not swallow this one
+                view = memoryview(data)
+                while view:  # one write(2) in practice; looped only because POSIX allows short writes
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def feedback_record(body: Any, model_id: str) -> dict:
+    """Check a feedback request and build its line: a `{"messages": [...]}` record that
+    `train.py --extra-data` reads, whose last assistant message is the correction if one was
+    given (that is the training example), plus metadata train.py ignores."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    messages = parse_messages(body.get("messages"))
+    if messages[-1]["role"] != "assistant":
+        raise ApiError(400, "the last message must be the assistant's answer being rated", "messages", "invalid_value")
+    if not any(m["role"] == "user" for m in messages):
+        raise ApiError(400, "the conversation has no user message", "messages", "invalid_value")
+    rating = body.get("rating")
+    if rating not in ("bad", "good"):
+        raise ApiError(400, "'rating' must be \"bad\" or \"good\"", "rating", "invalid_value")
+    correction = body.get("correction")
+    if correction is not None and not isinstance(correction, str):
+        raise ApiError(400, "'correction' must be a string", "correction", "invalid_type")
+    correction = (correction or "").strip() or None  # a blank box is no correction
+    original = messages[-1]["content"]
+    if correction:
+        messages[-1] = {"role": "assistant", "content": correction}
+    return {"messages": messages, "rating": rating, "correction": correction, "original_answer": original,
+            "model": model_id, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
+                       None, "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes", None, "request_too_large")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})", None, "invalid_json") from None
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def job_events(job: Job, request: Request) -> AsyncIterator[tuple]:
+    """The worker's events for `job`; flags the job cancelled if the client goes away (checked
+    between events), or if whoever iterates this stops early (e.g. the stream's send failed)."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            yield event
+            if event[0] in ("done", "error"):
+                return
+            if await request.is_disconnected():
+                return
+    finally:
+        job.cancelled.set()  # no-op once the job is finished
+
+
+def create_app(engine: Engine, settings: Settings):
+    """The FastAPI app around a running Engine."""
+    app = FastAPI(title="medlora", docs_url=None, redoc_url=None, openapi_url=None)
+    feedback = FeedbackLog(settings.feedback_file)
+    tok = engine.tok
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        return await _api_error(request, ApiError(exc.status_code, str(exc.detail), None,
+                                                  "not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return await _api_error(request, ApiError(400, str(exc)[:300], None, "invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, exc):
+        return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error"))
+
+    def auth(request: Request) -> None:
+        if not settings.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+        if not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "incorrect API key", None, "invalid_api_key")
+
+    guarded = [Depends(auth)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, **engine.snapshot()}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
+                                            "owned_by": "medlora", "base_model": settings.base_model,
+                                            "adapter": settings.adapter}]}
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(request: Request):
+        req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
+        prompt = encode_prompt(tok, req.messages, settings)
+        job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
+                  asyncio.get_running_loop())
+        engine.submit(job)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(sse(job, request, req, cid, created), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pieces, done = [], None
+        async with aclosing(job_events(job, request)) as events:
+            async for event in events:
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    raise ApiError(500, event[1], None, None, "server_error")
+                else:
+                    done = event
+        if done is None or done[1] == "cancelled":
+            return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
+        _, reason, n_prompt, n_completion = done
+        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": usage(n_prompt, n_completion)}
+
+    async def sse(job: Job, request: Request, req: ChatRequest, cid: str, created: int):
+        """OpenAI's chunks: the role, content deltas, the finish reason, [usage,] [DONE]."""
+        try:
+            yield chunk(cid, created, req.model, {"role": "assistant", "content": ""})
+            async with aclosing(job_events(job, request)) as events:
+                async for event in events:
+                    if event[0] == "text":
+                        yield chunk(cid, created, req.model, {"content": event[1]})
+                    elif event[0] == "error":
+                        yield f"data: {json.dumps(ApiError(500, event[1], None, None, 'server_error').body())}\n\n"
+                    elif event[1] != "cancelled":
+                        _, reason, n_prompt, n_completion = event
+                        yield chunk(cid, created, req.model, {}, reason)
+                        if req.include_usage:
+                            body = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                    "model": req.model, "choices": [], "usage": usage(n_prompt, n_completion)}
+                            yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # the client went away mid-stream: stop generating for it
+
+    @app.post("/v1/feedback", dependencies=guarded)
+    async def post_feedback(request: Request):
+        record = feedback_record(await read_json(request, settings.max_body_bytes), settings.model_id)
+        await asyncio.to_thread(feedback.append, record)
+        return {"status": "saved", "object": "feedback"}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        # The page is public static markup (no data); it asks for the API key when the API needs one.
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        path = WEB_DIR / name
+        if name not in {"app.js", "style.css"} or not path.is_file():
+            raise ApiError(404, f"no such file: {name}", None, "not_found")
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def serve(model, tok: ChatTokenizer, settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    limit = model.config.max_position_embeddings
+    if settings.max_prompt_tokens + settings.max_tokens_limit > limit:
+        raise SystemExit(f"error: --max-prompt-tokens + --max-tokens-limit must fit the model's context of {limit} tokens")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"[medlora] warning: serving on {host} with no API key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    engine = Engine(model, tok, settings.max_batch, settings.top_k, settings.repetition_penalty)
+    app = create_app(engine, settings)
+    print(f"[medlora] serving {settings.model_id} on http://{host}:{port} (API key {'required' if settings.api_key else 'off'}; "
+          f"feedback -> {settings.feedback_file})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
