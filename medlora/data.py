@@ -314,6 +314,8 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
     out = []
     for n, rec in enumerate(_read_table(Path(path)), 1):
         msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if isinstance(rec, dict) and rec.get("rating") == "bad" and not rec.get("correction"):
+            continue  # served feedback: a bad answer nobody corrected must not become a training target
         try:
             validate_messages(msgs)
             if msgs[-1]["role"] != "assistant":
@@ -395,7 +397,10 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
     for path in extra or []:
         ex = load_chat_jsonl(path, tok, max_len)
         train = mix(train, ex, extra_weight, seed)
-        info.setdefault("extra", []).append({"path": str(path), "examples": len(ex), "weight": extra_weight})
+        from .weights import sha256_file
+
+        info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "examples": len(ex),
+                                             "weight": extra_weight})
     info.update(cleaning=dict(counts), split={"seed": seed, "val_fraction": val_fraction,
                                               "train_rows": len(train_rows), "val_rows": len(val_rows),
                                               "val_index": sorted(r.index for r in val_rows)},

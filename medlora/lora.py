@@ -213,3 +213,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = Fals
     if merge:
         merge_lora(model)
     return cfg
+
+
+def adapter_base_mismatch(folder: str | os.PathLike, base_info: dict) -> str | None:
+    """Why this adapter must not be applied to the loaded base, or None. An adapter records the
+    sha256 of the weights it was trained on; applying it to other weights of the same shape
+    would run without error and quietly give a worse model."""
+    _, raw, _ = read_adapter(folder)
+    want = (raw.get("medlora") or {}).get("base_sha256")
+    have = base_info.get("sha256")
+    if want and isinstance(have, str) and want != have:
+        return (f"{folder} was trained on base weights with sha256 {want[:12]}..., but the loaded base "
+                f"{base_info.get('id')} has {have[:12]}...; pass the matching --model")
+    return None

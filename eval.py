@@ -1,0 +1,307 @@
+"""Compare the base and the tuned model on the same inputs, side by side.
+
+    python eval.py --adapter runs/x/best_adapter                 # all parts, report in runs/x/eval/
+    python eval.py --adapter A --only safety --out reports/s1
+    python eval.py --adapter A --prompts my_prompts.jsonl         # your own prompts, same scoring
+    python eval.py --model merged_dir --base-model bundled        # a merged checkpoint vs its base
+
+Writes report.json (every number), report.md (tables + side-by-side answers) and report.png.
+Greedy decoding by default, so two runs give the same report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+from medlora.cli import add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
+
+ROOT = Path(__file__).resolve().parent
+PARTS = ("heldout", "general", "medical", "safety")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_generation_flags(p, max_new_tokens=256)
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format); the tuned model is base + adapter")
+    p.add_argument("--base-model", default=None, help="the base to compare with when --model is a merged checkpoint")
+    p.add_argument("--run", default=None, help="run folder whose recorded split to use (default: the adapter's parent)")
+    p.add_argument("--data", default=None, help="data source (default: the run's; else the MedQuAD default)")
+    p.add_argument("--question-col", default="Question")
+    p.add_argument("--answer-col", default="Answer")
+    p.add_argument("--limit", type=positive_int, default=40, help="held-out questions to generate answers for")
+    p.add_argument("--loss-rows", type=positive_int, default=256, help="held-out rows for loss/perplexity")
+    p.add_argument("--general-limit", type=positive_int, default=None)
+    p.add_argument("--medical-limit", type=positive_int, default=None)
+    p.add_argument("--safety-limit", type=positive_int, default=None)
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
+    p.add_argument("--prompts", default=None, help="JSONL of your own prompts ({'prompt', optional 'reference', "
+                                                    "'accept', 'kind', 'category'}): replaces the built-in parts")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval or reports/<time>)")
+    args = p.parse_args(argv)
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in args.only if x not in PARTS]
+    if bad:
+        p.error(f"--only: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+    if args.adapter is None and args.base_model is None:
+        p.error("give --adapter (tuned = base + adapter) or --base-model (when --model is already tuned)")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").exists():
+        p.error(f"--adapter {args.adapter}: no adapter_config.json there")
+    if args.seed is None:
+        args.seed = 0
+    return args
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}: line {n}: invalid JSON ({e.msg})")
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise SystemExit(f"error: {path}: line {n}: field 'prompt' must be a non-empty string")
+            out.append(rec)
+    return out[:limit] if limit else out
+
+
+def heldout_rows(args, record: dict | None, run_dir: Path | None):
+    """The exact validation rows the run held out (from its split.json), or a fresh split."""
+    from medlora.data import clean_rows, load_source, split_rows
+
+    source = args.data or (record or {}).get("data", {}).get("source")
+    raw, info = load_source(source, verbose=False)
+    rows, _ = clean_rows(raw, args.question_col, args.answer_col, source=str(source))
+    note = ""
+    split_file = run_dir / "split.json" if run_dir else None
+    if split_file and split_file.exists():
+        wanted = set(json.loads(split_file.read_text())["val_index"])
+        val = [r for r in rows if r.index in wanted]
+        recorded = (record or {}).get("data", {}).get("sha256", {})
+        if recorded and recorded != info.get("sha256"):
+            note = f"WARNING: data sha256 {info.get('sha256')} differs from the run's {recorded}"
+        note = note or f"the run's recorded split ({len(val)} validation rows, {split_file})"
+    else:
+        _, val = split_rows(rows, 0.1, seed=0)
+        note = "no run split found: a fresh grouped split (seed 0), not the run's"
+    return val, note, info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from medlora import evaluate as ev
+    from medlora.data import Example, build_examples
+    from medlora.generate import GenConfig
+    from medlora.lora import adapter_base_mismatch, load_adapter
+    from medlora.trainer import evaluate_loss
+    from medlora.weights import load_pretrained
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    torch.manual_seed(args.seed)
+    run_dir = Path(args.run) if args.run else (Path(args.adapter).parent if args.adapter else None)
+    record = json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None
+    out = Path(args.out or (run_dir / "eval" if run_dir else f"reports/{time.strftime('%Y%m%d-%H%M%S')}"))
+    out.mkdir(parents=True, exist_ok=True)
+    gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    # ---- inputs (the same for both models) ---------------------------------------------------
+    inputs: dict[str, dict] = {}
+    data_dir = ROOT / "data"
+    if args.prompts:
+        recs = read_jsonl(Path(args.prompts))
+        inputs["custom"] = {"records": recs, "questions": [r["prompt"] for r in recs]}
+    else:
+        if "heldout" in args.only:
+            val, split_note, data_info = heldout_rows(args, record, run_dir)
+            rng = random.Random(args.seed)
+            sample = rng.sample(val, min(args.limit, len(val)))
+            inputs["heldout"] = {"questions": [r.question for r in sample], "refs": [r.answer for r in sample],
+                                 "loss_rows": val[: args.loss_rows], "note": split_note, "data": data_info}
+        for part, fname, lim in (("general", "eval_general.jsonl", args.general_limit),
+                                 ("medical", "eval_medical.jsonl", args.medical_limit),
+                                 ("safety", "safety_probes.jsonl", args.safety_limit)):
+            if part in args.only:
+                recs = read_jsonl(data_dir / fname)
+                if lim and part == "safety":  # a small sample still spans harmful and benign categories
+                    seen: dict[str, int] = {}
+                    rank = [seen.__setitem__(r["category"], seen.get(r["category"], -1) + 1) or seen[r["category"]]
+                            for r in recs]
+                    recs = [r for _, r in sorted(zip(rank, recs), key=lambda x: x[0])]
+                recs = recs[:lim] if lim else recs
+                inputs[part] = {"records": recs, "questions": [r["prompt"] for r in recs]}
+
+    # ---- run each model over the inputs -------------------------------------------------------
+    def run_model(model, tok, label: str) -> dict:
+        res: dict[str, dict] = {}
+        for part, inp in inputs.items():
+            t0 = time.time()
+            res[part] = {"answers": ev.answer_all(model, tok, inp["questions"], gen, args.batch_size,
+                                                  progress=f"{label} {part}")}
+            if part == "heldout":
+                max_len = (record or {}).get("max_seq_len", 1024)
+                exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len)
+                loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
+                res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs))
+            res[part]["seconds"] = time.time() - t0
+            print(f"[eval] {label} {part}: {len(inp['questions'])} prompts in {res[part]['seconds']:.0f}s", file=sys.stderr)
+        return res
+
+    base_spec = args.base_model or args.model
+    model, tok, base_info = load_pretrained(base_spec, args.revision, dtype=dtype, device=device)
+    base = run_model(model, tok, "base")
+    if "general" in inputs:  # the base model's perplexity on its own answers: the reference point
+        base["general"]["self_nll"] = ev.answer_nll(model, tok, inputs["general"]["questions"],
+                                                    [a.text for a in base["general"]["answers"]], device)
+    if args.adapter:
+        problem = adapter_base_mismatch(args.adapter, base_info)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        load_adapter(model, args.adapter, merge=True)
+        tuned_info = {"base": base_info, "adapter": str(args.adapter)}
+    else:
+        del model
+        model, tok, tuned_info = load_pretrained(args.model, args.revision, dtype=dtype, device=device)
+    tuned = run_model(model, tok, "tuned")
+    if "general" in inputs:
+        tuned["general"]["nll_on_base_answers"] = ev.answer_nll(model, tok, inputs["general"]["questions"],
+                                                                [a.text for a in base["general"]["answers"]], device)
+
+    # ---- score ------------------------------------------------------------------------------------
+    report: dict = {"models": {"base": base_info, "tuned": tuned_info}, "generation": gen.__dict__ | {"stop_ids": None},
+                    "device": str(device), "precision": precision, "seed": args.seed,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    md = [f"# medlora evaluation: base vs tuned\n", f"- base: `{base_info['id']}`",
+          f"- tuned: `{args.adapter or args.model}`", f"- decoding: {'greedy' if gen.temperature == 0 else gen.__dict__}, "
+          f"max {gen.max_new_tokens} new tokens; every prompt under the safe system prompt\n"]
+
+    if "heldout" in inputs:
+        inp = inputs["heldout"]
+        sb = ev.score_reference_answers(base["heldout"]["answers"], inp["refs"])
+        st = ev.score_reference_answers(tuned["heldout"]["answers"], inp["refs"])
+        boot = ev.paired_bootstrap(sb.pop("per_item_rougeL"), st.pop("per_item_rougeL"), seed=args.seed)
+        for s, r in ((sb, base), (st, tuned)):
+            s.update(loss=r["heldout"]["loss"], ppl=r["heldout"]["ppl"], loss_examples=r["heldout"]["loss_examples"])
+        report["heldout"] = {"base": sb, "tuned": st, "rougeL_diff_bootstrap95": boot, "split": inp["note"],
+                             "data": {k: inp["data"].get(k) for k in ("source", "sha256", "rows")}}
+        md += ["## Held-out MedQuAD\n", f"Split: {inp['note']}.\n", ev.table([
+            ("loss per token", sb["loss"], st["loss"]), ("perplexity", sb["ppl"], st["ppl"]),
+            ("ROUGE-L", sb["rougeL"], st["rougeL"]), ("ROUGE-1", sb["rouge1"], st["rouge1"]),
+            ("token F1", sb["token_f1"], st["token_f1"]), ("ends its turn", sb["ended_rate"], st["ended_rate"]),
+            ("answers with a repeated 4-gram", sb["repeat4_rate"], st["repeat4_rate"]),
+            ("mean answer tokens", sb["mean_tokens"], st["mean_tokens"])]),
+            f"\nPerplexity ratio tuned/base: {st['ppl'] / sb['ppl']:.3f} ({sb['loss_examples']} rows). "
+            f"ROUGE-L difference (tuned − base): {ev._fmt(boot['diff'])}, paired-bootstrap 95% interval "
+            f"[{ev._fmt(boot['lo'])}, {ev._fmt(boot['hi'])}] over {sb['n']} questions.\n",
+            "### Side by side\n", ev.side_by_side(inp["questions"], base["heldout"]["answers"],
+                                                   tuned["heldout"]["answers"], refs=inp["refs"])]
+
+    if "general" in inputs:
+        recs = inputs["general"]["records"]
+        gb = ev.score_general(base["general"]["answers"], recs, None)
+        gt = ev.score_general(tuned["general"]["answers"], recs, base["general"]["answers"])
+        gb["ppl_on_base_answers"] = math.exp(min(base["general"]["self_nll"], 50))
+        gt["ppl_on_base_answers"] = math.exp(min(tuned["general"]["nll_on_base_answers"], 50))
+        report["general"] = {"base": gb, "tuned": gt}
+        md += ["## General (non-medical) prompts\n", ev.table([
+            ("reference containment", gb["containment"], gt["containment"]),
+            ("perplexity on the base model's answers", gb["ppl_on_base_answers"], gt["ppl_on_base_answers"]),
+            ("answers with a repeated 4-gram", gb["repeat4_rate"], gt["repeat4_rate"]),
+            ("distinct bigrams", gb["distinct2"], gt["distinct2"]),
+            ("medical talk", gb["medical_talk_rate"], gt["medical_talk_rate"]),
+            ("drift into medical talk (tuned only)", None, gt.get("drift_to_medical")),
+            ("ends its turn", gb["ended_rate"], gt["ended_rate"])]),
+            "\n### Side by side\n", ev.side_by_side(inputs["general"]["questions"], base["general"]["answers"],
+                                                     tuned["general"]["answers"])]
+
+    if "medical" in inputs:
+        recs = inputs["medical"]["records"]
+        mb, mt = ev.keyword_coverage(base["medical"]["answers"], recs), ev.keyword_coverage(tuned["medical"]["answers"], recs)
+        report["medical"] = {"base": mb, "tuned": mt}
+        md += ["## Hand-written medical questions\n", ev.table([
+            ("keyword coverage", mb["keyword_coverage"], mt["keyword_coverage"]),
+            ("ends its turn", mb["ended_rate"], mt["ended_rate"]),
+            ("answers with a repeated 4-gram", mb["repeat4_rate"], mt["repeat4_rate"]),
+            ("mean answer tokens", mb["mean_tokens"], mt["mean_tokens"])]),
+            "\n### Side by side\n", ev.side_by_side(inputs["medical"]["questions"], base["medical"]["answers"],
+                                                     tuned["medical"]["answers"])]
+
+    for part in ("safety", "custom"):
+        if part not in inputs:
+            continue
+        recs = inputs[part]["records"]
+        if part == "custom" and not any("kind" in r for r in recs):
+            refs = [r.get("reference") for r in recs]
+            if all(isinstance(x, str) for x in refs):
+                cb = ev.score_reference_answers(base[part]["answers"], refs)
+                ct = ev.score_reference_answers(tuned[part]["answers"], refs)
+                cb.pop("per_item_rougeL"), ct.pop("per_item_rougeL")
+            else:
+                cb = ev.score_general(base[part]["answers"], recs, None)
+                ct = ev.score_general(tuned[part]["answers"], recs, base[part]["answers"])
+            report[part] = {"base": cb, "tuned": ct}
+            md += [f"## Your prompts ({args.prompts})\n",
+                   ev.table([(k, cb[k], ct.get(k)) for k in cb if isinstance(cb[k], (int, float))]),
+                   "\n### Side by side\n", ev.side_by_side(inputs[part]["questions"], base[part]["answers"],
+                                                            tuned[part]["answers"], k=10)]
+            continue
+        from medlora.safety import labels_dict
+
+        sb_, st_ = ev.score_safety(base[part]["answers"], recs), ev.score_safety(tuned[part]["answers"], recs)
+        report["safety"] = {"base": sb_["summary"], "tuned": st_["summary"],
+                            "items": [{"id": a["id"], "kind": a["kind"], "category": a["category"], "prompt": a["prompt"],
+                                       "base": a["answer"], "tuned": b["answer"], "base_labels": labels_dict(a["labels"]),
+                                       "tuned_labels": labels_dict(b["labels"])} for a, b in zip(sb_["items"], st_["items"])]}
+        ob, ot = sb_["summary"]["overall"], st_["summary"]["overall"]
+        md += ["## Safety probes\n", ev.table([(k, ob.get(k), ot.get(k)) for k in ob]), "",
+               "| category (harmful) | base refuse/redirect | tuned refuse/redirect | base complies | tuned complies |",
+               "|---|---:|---:|---:|---:|"]
+        for cat, vb in sb_["summary"]["harmful"]["by_category"].items():
+            vt = st_["summary"]["harmful"]["by_category"].get(cat, {})
+            md.append(f"| {cat} | {ev._fmt(vb.get('refuse_redirect_rate'))} | {ev._fmt(vt.get('refuse_redirect_rate'))} "
+                      f"| {ev._fmt(vb.get('harmful_compliance_rate'))} | {ev._fmt(vt.get('harmful_compliance_rate'))} |")
+        worst = [x for x in st_["items"] if x["kind"] == "harmful" and x["labels"].harmful_compliance]
+        worst += [x for x in st_["items"] if x["kind"] == "harmful" and not x["labels"].refuses_or_redirects
+                  and x not in worst]
+        md += ["\n### Worst tuned answers (harmful prompts: complied, or neither refused nor redirected)\n"]
+        for x in worst[:8]:
+            md.append(f"- **{x['category']}** — {x['prompt']}\n  - {x['answer'][:400].replace(chr(10), ' ')}\n"
+                      f"  - rules: {', '.join(x['labels'].matched) or 'none'}")
+        print("\nworst tuned safety answers:", file=sys.stderr)
+        for x in worst[:5]:
+            print(f"  [{x['category']}] {x['prompt'][:70]!r} -> {x['answer'][:120]!r}", file=sys.stderr)
+
+    ev.write_json(out / "report.json", report)
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    ev.plot_report(report, out / "report.png")
+    print(f"\n== eval summary ({out}) ==")
+    if "heldout" in report:
+        h = report["heldout"]
+        print(f"held-out: ppl {h['base']['ppl']:.2f} -> {h['tuned']['ppl']:.2f}; ROUGE-L {h['base']['rougeL']:.3f} -> "
+              f"{h['tuned']['rougeL']:.3f}; ends turn {h['base']['ended_rate']:.2f} -> {h['tuned']['ended_rate']:.2f}")
+    if "general" in report:
+        g = report["general"]
+        print(f"general: containment {ev._fmt(g['base']['containment'])} -> {ev._fmt(g['tuned']['containment'])}; "
+              f"ppl on base answers {g['base']['ppl_on_base_answers']:.2f} -> {g['tuned']['ppl_on_base_answers']:.2f}; "
+              f"drift {ev._fmt(g['tuned'].get('drift_to_medical'))}")
+    if "safety" in report:
+        b, t = report["safety"]["base"]["overall"], report["safety"]["tuned"]["overall"]
+        print("safety: " + "; ".join(f"{k} {ev._fmt(b.get(k))} -> {ev._fmt(t.get(k))}" for k in b))
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

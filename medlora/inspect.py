@@ -1,0 +1,162 @@
+"""Look before you train: what the model card and the data card would tell you, read from the
+files medlora actually loads.
+
+    python -m medlora.inspect model [--model M]          # architecture, sizes, template, license
+    python -m medlora.inspect data [--data D] [--plot lengths.png]
+    python -m medlora.inspect example N [--data D]       # one training example, supervised tokens marked
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .cli import add_model_flags, nonneg_int, positive_int
+
+
+def model_card(model, tok, info: dict) -> dict:
+    """The facts a user should confirm before fine-tuning, from the loaded files."""
+    cfg = model.config
+    license_ = None
+    if info["kind"] == "gguf":
+        from gguf import GGUFReader
+
+        f = GGUFReader(info["path"]).fields.get("general.license")
+        license_ = f.contents() if f is not None else None
+    else:
+        card = Path(info["path"]) / "README.md"
+        if card.exists():
+            for line in card.read_text(errors="replace").splitlines()[:30]:
+                if line.strip().startswith("license:"):
+                    license_ = line.split(":", 1)[1].strip()
+    example = [{"role": "system", "content": "You are a careful assistant."},
+               {"role": "user", "content": "What is anemia?"},
+               {"role": "assistant", "content": "A low red blood cell count."}]
+    return {
+        "source": info, "architecture": "llama", "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "mlp": cfg.intermediate_size, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tied_head": cfg.tie_word_embeddings,
+        "parameters": model.num_parameters(), "license": license_, "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token, "chat_template": tok.chat_template,
+        "rendered_example": tok.render(example), "default_system_prompt_injected":
+            "You are a helpful AI assistant named SmolLM" in tok.render(example[1:]),
+    }
+
+
+def data_card(tok, data: str | None, max_len: int, val_fraction: float, seed: int, plot: str | None) -> dict:
+    from .data import build_examples, clean_rows, load_source, question_topic, split_rows
+
+    raw, info = load_source(data, verbose=False)
+    columns = sorted({k for r in raw[:1000] if isinstance(r, dict) for k in r})
+    rows, counts = clean_rows(raw)
+    exs = build_examples(rows, tok, 10**9)  # no length cap: measure every row
+    lens = sorted(len(e.ids) for e in exs)
+    pct = {f"p{p}": lens[min(len(lens) - 1, int(p / 100 * len(lens)))] for p in (50, 90, 95, 99)}
+    fits = {f"<= {n}": sum(x <= n for x in lens) / len(lens) for n in (256, 512, 1024, 2048)}
+    q_dupes = sum(c - 1 for c in Counter(r.question for r in rows).values() if c > 1)
+    a_dupes = sum(c - 1 for c in Counter(r.answer for r in rows).values() if c > 1)
+    topics = Counter(question_topic(r.question) for r in rows)
+    train, val = split_rows(rows, val_fraction, seed)
+    over = sum(x > max_len for x in lens)
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.hist([min(x, 2048) for x in lens], bins=64, color="#2a7ab9")
+        ax.axvline(max_len, color="crimson", ls="--", label=f"--max-seq-len {max_len}")
+        ax.set_xlabel("tokens per chat example (system + question + answer; clipped at 2048)")
+        ax.set_ylabel("rows")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+    return {"source": {k: v for k, v in info.items()}, "columns": columns, "rows": len(raw),
+            "cleaning": dict(counts), "qtype": dict(Counter(r.qtype for r in rows).most_common()),
+            "token_lengths": pct | {"max": lens[-1]}, "share_fitting": fits,
+            f"longer_than_{max_len}": over, "repeated_questions": q_dupes, "repeated_answers": a_dupes,
+            "distinct_topics": len(topics), "split": {"train_rows": len(train), "val_rows": len(val), "seed": seed,
+                                                      "val_fraction": val_fraction}, "histogram": plot}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medlora.inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["model", "data", "example"])
+    p.add_argument("n", nargs="?", type=nonneg_int, default=0, help="example index (for `example`)")
+    add_model_flags(p)
+    p.add_argument("--data", default=None)
+    p.add_argument("--max-seq-len", type=positive_int, default=1024)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="write the token-length histogram here (data)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    args = p.parse_args(argv)
+    from .weights import load_pretrained
+
+    model, tok, info = load_pretrained(args.model, args.revision, verbose=False)
+    if args.what == "model":
+        card = model_card(model, tok, info)
+        if args.json:
+            print(json.dumps(card, indent=2, default=str))
+            return 0
+        print(f"weights     {info['id']} ({info['kind']}: {info['path']})")
+        if info.get("note"):
+            print(f"            {info['note']}")
+        print(f"sha256      {info['sha256'] if isinstance(info['sha256'], str) else json.dumps(info['sha256'])}")
+        print(f"shape       {card['layers']} layers, hidden {card['hidden']}, MLP {card['mlp']}, {card['heads']} heads "
+              f"/ {card['kv_heads']} KV heads (head dim {card['head_dim']}), vocab {card['vocab']:,}")
+        print(f"parameters  {card['parameters']:,}  (tied head: {card['tied_head']})")
+        print(f"context     {card['context_length']:,} tokens, rope theta {card['rope_theta']:g}, RMS eps {card['rms_norm_eps']:g}")
+        print(f"license     {card['license'] or 'not stated in the files: check the model card'}")
+        print(f"tokens      eos/end-of-turn {card['eos_token']!r}, pad {card['pad_token']!r}"
+              f"{'  (pad = eos: never mask labels by comparing with pad)' if card['eos_token'] == card['pad_token'] else ''}")
+        print(f"template    injects a default system prompt when none is given: {card['default_system_prompt_injected']}")
+        print("---- chat template ----\n" + card["chat_template"])
+        print("---- one conversation rendered ----\n" + card["rendered_example"])
+        return 0
+    if args.what == "data":
+        card = data_card(tok, args.data, args.max_seq_len, args.val_fraction, args.seed, args.plot)
+        if args.json:
+            print(json.dumps(card, indent=2, default=str))
+            return 0
+        print(f"source      {card['source'].get('source')} -> {card['source'].get('files')}")
+        print(f"sha256      {card['source'].get('sha256')}")
+        print(f"columns     {', '.join(card['columns'])};  rows {card['rows']:,}")
+        print(f"cleaning    {card['cleaning']}")
+        print(f"qtype       {card['qtype']}")
+        print(f"tokens      {card['token_lengths']} per chat example; fits: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in card["share_fitting"].items()))
+        print(f"too long    {card[f'longer_than_{args.max_seq_len}']:,} rows over --max-seq-len {args.max_seq_len}")
+        print(f"repeats     {card['repeated_questions']:,} repeated questions, {card['repeated_answers']:,} repeated answers, "
+              f"{card['distinct_topics']:,} distinct question topics")
+        print(f"split       {card['split']['train_rows']:,} train / {card['split']['val_rows']:,} validation rows "
+              f"(grouped by answer and topic, seed {args.seed})")
+        if args.plot:
+            print(f"histogram   {args.plot}")
+        return 0
+    from .data import build_examples, clean_rows, load_source
+    from .tokenizer import IGNORE, show_mask
+
+    raw, _ = load_source(args.data, verbose=False)
+    rows, _ = clean_rows(raw)
+    if args.n >= len(rows):
+        print(f"error: example {args.n} out of range (0..{len(rows) - 1})", file=sys.stderr)
+        return 2
+    ex = build_examples([rows[args.n]], tok, 10**9)[0]
+    color = {"always": True, "never": False}.get(args.color)
+    print(show_mask(tok, ex.ids, ex.labels, color=color))
+    sup = sum(lab != IGNORE for lab in ex.labels)
+    print(f"\n{len(ex.ids)} tokens, {sup} supervised (the answer and its closing {tok.eos_token}), "
+          f"{len(ex.ids) - sup} masked" + ("" if color else "; supervised text is shown [[like this]]"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""eval.py end to end on a tiny limit, and the metrics it is built from."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from medlora.evaluate import distinct_2, has_repeated_ngram, medical_talk, paired_bootstrap, rouge, token_f1
+
+ADAPTER = ROOT / "docs" / "runs" / "gpu-r8-epoch1" / "best_adapter"
+
+
+def test_text_metrics():
+    assert token_f1("The cat sat.", "the cat sat") == 1.0
+    assert token_f1("dog", "cat") == 0.0
+    assert 0 < token_f1("the cat sat on the mat", "a cat sat") < 1
+    assert has_repeated_ngram("a b c d x a b c d") and not has_repeated_ngram("a b c d e f g")
+    assert distinct_2("a b a b a b") < distinct_2("a b c d e f")
+    assert medical_talk("See a doctor about the symptoms of this disease") and not medical_talk("Paris is in France")
+    assert rouge("the cat sat", "the cat sat")["rougeL"] == 1.0
+    boot = paired_bootstrap([0.1] * 20, [0.3] * 20)
+    assert abs(boot["diff"] - 0.2) < 1e-9 and boot["lo"] <= boot["diff"] <= boot["hi"]
+    noisy = paired_bootstrap([0.1, 0.5, 0.2, 0.4] * 5, [0.2, 0.4, 0.3, 0.3] * 5)
+    assert noisy["lo"] < 0 < noisy["hi"]  # a difference that is not significant is not reported as one
+
+
+def run_eval(*args, timeout=900):
+    return subprocess.run([sys.executable, "eval.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_eval_end_to_end_writes_every_report_file(tmp_path, gguf_path):
+    out = tmp_path / "rep"
+    r = run_eval("--adapter", str(ADAPTER), "--model", gguf_path, "--limit", "2", "--loss-rows", "4",
+                 "--general-limit", "2", "--medical-limit", "2", "--safety-limit", "3", "--max-new-tokens", "8",
+                 "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    for part in ("heldout", "general", "medical", "safety"):
+        assert part in rep, part
+    h = rep["heldout"]
+    assert h["base"]["n"] == 2 and h["base"]["loss_examples"] >= 1 and h["tuned"]["ppl"] < h["base"]["ppl"]
+    assert "recorded split" in h["split"]
+    assert set(rep["safety"]["base"]["overall"]) and len(rep["safety"]["items"]) == 3
+    md = (out / "report.md").read_text()
+    for heading in ("## Held-out MedQuAD", "## General", "## Safety probes", "### Side by side"):
+        assert heading in md
+    assert (out / "report.png").stat().st_size > 1000
+
+
+def test_eval_own_prompts_and_only(tmp_path, gguf_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "What is the capital of France?", "reference": "Paris is the capital of France."},
+        {"prompt": "What is 2 + 2?", "reference": "4"}]) + "\n")
+    r = run_eval("--adapter", str(ADAPTER), "--model", gguf_path, "--prompts", str(prompts), "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["custom"]["base"]["n"] == 2 and "rougeL" in rep["custom"]["tuned"]
+
+
+def test_eval_rejects_bad_input(tmp_path, gguf_path):
+    r = run_eval("--adapter", str(ADAPTER), "--only", "vibes", timeout=120)
+    assert r.returncode == 2 and "unknown part" in r.stderr
+    r = run_eval("--adapter", str(tmp_path), timeout=120)
+    assert r.returncode == 2 and "adapter_config.json" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": ""}\n')
+    r = run_eval("--adapter", str(ADAPTER), "--model", gguf_path, "--prompts", str(bad), timeout=300)
+    assert r.returncode != 0 and "bad.jsonl: line 1: field 'prompt'" in r.stderr
+
+
+def test_adapter_on_another_base_is_refused(tmp_path, gguf_path):
+    other = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["medlora"]["base_sha256"] = "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    r = run_eval("--adapter", str(other), "--model", gguf_path, "--only", "general", "--general-limit", "1",
+                 "--out", str(tmp_path / "o"), timeout=300)
+    assert r.returncode == 2 and "trained on base weights with sha256 000000000000" in r.stderr
