@@ -3,25 +3,42 @@
     python train.py --rank 8                      # the main job
     python train.py --sanity                      # ~200 rows, overfit quickly, pass/fail verdict
     python train.py --rank 8 --out runs/x --resume
+    torchrun --nproc-per-node 4 train.py --rank 8     # data parallel: --batch-size is per process
 
 Writes a run folder: config.json (the run record), split.json, metrics.jsonl, loss.png,
 checkpoint.pt, adapter/ (latest) and best_adapter/ (best validation loss), summary.json.
+
+Exit status: 0 done; 1 sanity check failed; 2 bad flags, data or --resume; 3 non-finite loss
+(stopped, the last good checkpoint is kept); 4 checkpoint trouble (too little free space, a failed
+write, which keeps the previous checkpoint, or an unreadable checkpoint on --resume); 130
+interrupted by SIGINT or SIGTERM (checkpoint saved, the resume command printed).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from medlora.cli import add_model_flags, fraction, nonneg_int, pick_device, positive_float, positive_int
+from medlora.cli import (add_model_flags, fraction, nonneg_float, nonneg_int, pick_device, positive_float,
+                         positive_int)
 
 ROOT = Path(__file__).resolve().parent
+INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: "stopped early, resumable"
+
+
+def seed_int(s: str) -> int:
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {s}")
+    return v
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,11 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--warmup-steps", type=nonneg_int, default=20)
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     g.add_argument("--clip", type=positive_float, default=1.0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations (less memory)")
     g.add_argument("--on-nan", choices=["stop", "skip"], default="stop")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=positive_int, default=100)
     g.add_argument("--val-rows", type=positive_int, default=256, help="validation rows used by periodic evaluation")
@@ -140,19 +157,30 @@ def sanity_checks(model, tok, ds, metrics_path: Path, device) -> dict:
     return checks
 
 
+def resume_command(script: str, argv: list[str], run_dir: Path, world_size: int) -> str:
+    """The command that continues this run: the same flags, the run folder pinned (a default
+    --out is a fresh timestamp each time) and --resume; under torchrun the same launcher."""
+    flags = [a for a in argv if a != "--resume"]
+    if not any(a == "--out" or a.startswith("--out=") for a in flags):
+        flags += ["--out", str(run_dir)]
+    cmd = shlex.join([script, *flags, "--resume"])
+    if world_size == 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+        return f"python {cmd}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if per_node == world_size:
+        return f"torchrun --nproc-per-node {per_node} {cmd}"
+    return (f"torchrun --nnodes {world_size // per_node} --nproc-per-node {per_node} --node-rank <this node's rank> "
+            f"--rdzv-endpoint <host:port> {cmd}   (on every node, as before)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     from medlora.config import ConfigError, LoRAConfig
-    from medlora.data import DataError, prepare
-    from medlora.lora import inject_lora, load_adapter, parameter_report
-    from medlora.trainer import TrainConfig, train
-    from medlora.weights import load_pretrained
+    from medlora.trainer import TrainConfig
 
     device = pick_device(args.device)
     precision = {"auto": "bf16" if device.type == "cuda" else "fp32", "float32": "fp32", "bfloat16": "bf16"}[args.dtype]
-    try:  # every flag is checked before the model or data is touched
+    try:  # every flag is checked before the model or data is touched (identically on every rank)
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
                               use_rslora=args.rslora)
         tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -164,29 +192,61 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-r{args.rank}")
-    if args.resume and not (run_dir / "checkpoint.pt").exists():
-        print(f"error: --resume: no checkpoint at {run_dir / 'checkpoint.pt'}", file=sys.stderr)
-        return 2
+
+    from medlora import distributed
+
+    dist = distributed.setup(device)  # under torchrun: joins the job; CUDA becomes cuda:LOCAL_RANK
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        print(f"error: --out {run_dir}: not writable ({e.strerror})", file=sys.stderr)
+        return run(args, argv, lora_cfg, tcfg, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
+    """Everything after flag checks. Under torchrun every rank runs this; rank 0 alone writes
+    the run folder and prints, and every rank returns the same exit status."""
+    import torch
+
+    from medlora.checkpoint import CheckpointError
+    from medlora.config import ConfigError
+    from medlora.data import DataError, prepare
+    from medlora.lora import inject_lora, load_adapter, parameter_report
+    from medlora.trainer import train
+    from medlora.weights import load_pretrained
+
+    device, main_rank = dist.device, dist.is_main
+    say = print if main_rank else (lambda *a, **k: None)
+    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-r{args.rank}")
+    run_dir = Path(dist.broadcast(str(run_dir)))  # the timestamp of rank 0, on every rank
+
+    def check_run_dir() -> str | None:
+        if args.resume and not (run_dir / "checkpoint.pt").exists():
+            return f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            return f"--out {run_dir}: not writable ({e.strerror})"
+        return None
+
+    problem = dist.on_main(check_run_dir)
+    if problem:
+        say(f"error: {problem}", file=sys.stderr)
         return 2
 
     torch.manual_seed(args.seed)
-    model, tok, model_info = load_pretrained(args.model, args.revision, device=device)
+    model, tok, model_info = load_pretrained(args.model, args.revision, device=device, verbose=main_rank)
     try:
         ds = prepare(tok, args.data, args.question_col, args.answer_col, args.max_seq_len, args.long_rows,
-                     args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight)
+                     args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight,
+                     verbose=main_rank)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
     if not ds.train:
-        print("error: no training examples left after cleaning", file=sys.stderr)
+        say("error: no training examples left after cleaning", file=sys.stderr)
         return 2
     if args.init_adapter:
         lora_cfg = load_adapter(model, args.init_adapter, trainable=True)
@@ -195,34 +255,61 @@ def main(argv=None) -> int:
     model.to(device)
     report = parameter_report(model)
     split = ds.info.pop("split")
-    (run_dir / "split.json").write_text(json.dumps(split))
-    record = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else "train.py " + " ".join(argv),
-        "model": model_info, "data": ds.info,
-        "split": {k: v for k, v in split.items() if k != "val_index"} | {"file": "split.json"},
-        "lora": asdict(lora_cfg), "train": asdict(tcfg), "max_seq_len": args.max_seq_len, "long_rows": args.long_rows,
-        "init_adapter": args.init_adapter, "parameters": report, "git": git_commit(), "versions": versions(),
-        "device": str(device), "sanity": args.sanity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if not args.resume or not (run_dir / "config.json").exists():
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
-    print(f"[medlora] LoRA r={lora_cfg.rank} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: "
-          f"{report['trainable']:,} trainable of {report['total']:,} ({100 * report['share']:.2f}%)")
-    print(f"[medlora] data: {len(ds.train)} train / {len(ds.val)} val examples; cleaning {ds.info['cleaning']}")
+
+    def write_records() -> None:  # rank 0 only
+        record = {
+            "command": (" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None
+                        else "train.py " + " ".join(argv)),
+            "model": model_info, "data": ds.info,
+            "split": {k: v for k, v in split.items() if k != "val_index"} | {"file": "split.json"},
+            "lora": asdict(lora_cfg), "train": asdict(tcfg), "max_seq_len": args.max_seq_len,
+            "long_rows": args.long_rows,
+            "init_adapter": args.init_adapter, "parameters": report, "git": git_commit(), "versions": versions(),
+            "device": str(device), "sanity": args.sanity,
+            "distributed": {"world_size": dist.world_size, "backend": dist.backend,
+                            "rows_per_step": tcfg.batch_size * tcfg.grad_accum * dist.world_size},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (run_dir / "split.json").write_text(json.dumps(split))
+        if not args.resume or not (run_dir / "config.json").exists():
+            (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+
+    dist.on_main(write_records)
+    say(f"[medlora] LoRA r={lora_cfg.rank} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: "
+        f"{report['trainable']:,} trainable of {report['total']:,} ({100 * report['share']:.2f}%)")
+    say(f"[medlora] data: {len(ds.train)} train / {len(ds.val)} val examples; cleaning {ds.info['cleaning']}")
+    if dist.active:
+        say(f"[medlora] data parallel: {dist.world_size} processes ({dist.backend}), {tcfg.batch_size} rows each "
+            f"per micro-batch, {tcfg.batch_size * tcfg.grad_accum * dist.world_size} rows per optimizer step")
     extra = {"base_sha256": model_info.get("sha256") if isinstance(model_info.get("sha256"), str) else None,
              "base_id": model_info["id"]}
     try:
         summary = train(model, ds, tcfg, lora_cfg, run_dir, tok.pad_id, model_info.get("requested", model_info["id"]),
-                        extra, resume=args.resume, device=device)
+                        extra, resume=args.resume, device=device, dist=dist)
+    except ConfigError as e:  # e.g. --resume with another number of processes
+        say(f"error: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        say(f"error: {e}", file=sys.stderr)
+        return 4
     summary.update(run_dir=str(run_dir), adapter=str(run_dir / "adapter"),
                    best_adapter=str(run_dir / "best_adapter") if (run_dir / "best_adapter").exists() else None,
                    loss_plot=str(run_dir / "loss.png"), tokens_per_s=summary["tokens"] / max(summary["elapsed"], 1e-9))
-    if args.sanity and not summary["interrupted"]:
-        summary["sanity"] = sanity_checks(model, tok, ds, run_dir / "metrics.jsonl", device)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    code = 0
+    if main_rank:
+        if args.sanity and not summary["interrupted"]:
+            summary["sanity"] = sanity_checks(model, tok, ds, run_dir / "metrics.jsonl", device)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        code = print_summary(summary, args, run_dir, argv, dist.world_size)
+    dist.barrier()  # rank 0's files are complete before any rank exits
+    return dist.broadcast(code)
+
+
+def print_summary(summary: dict, args: argparse.Namespace, run_dir: Path, argv, world_size: int) -> int:
+    """The closing report on stdout; returns the exit status."""
     print("\n== summary ==")
     print(f"steps {summary['step']}/{summary['total_steps']}  tokens {summary['tokens']:,} "
           f"(supervised {summary['supervised']:,})  time {summary['minutes']:.1f} min  "
@@ -234,6 +321,11 @@ def main(argv=None) -> int:
               f"{summary['best_step']}{'  [stopped early]' if summary['stopped_early'] else ''}")
     print(f"run folder {run_dir}: adapter/, {'best_adapter/, ' if summary['best_adapter'] else ''}loss.png, "
           f"metrics.jsonl, config.json, checkpoint.pt")
+    if summary["interrupted"]:
+        script, flags = (sys.argv[0], sys.argv[1:]) if argv is None else ("train.py", list(argv))
+        print(f"\ninterrupted at step {summary['step']} of {summary['total_steps']}; checkpoint saved. Resume with:\n"
+              f"  {resume_command(script, flags, run_dir, world_size)}")
+        return INTERRUPTED
     if "sanity" in summary:
         s = summary["sanity"]
         print(f"sanity: loss {s['loss_fell']['first']:.3f} -> {s['loss_fell']['last']:.3f} "

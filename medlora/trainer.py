@@ -8,7 +8,12 @@ batch is split. The head and cross-entropy run only where a label exists, in chu
 
 Checkpoints (every `save_every` steps, on SIGINT/SIGTERM, and at the end) hold the LoRA weights,
 optimizer, scheduler, RNG, data position and early-stopping state: `--resume` continues with the
-same losses as an uninterrupted run. Left out here: distributed training (see the README).
+same losses as an uninterrupted run.
+
+Data parallel (`torchrun`): every rank runs this same loop with its own `Dist` (distributed.py):
+it takes its rows of each global batch, the step's token count and the LoRA gradients are summed
+over ranks, and only rank 0 writes files or prints. A single process is the same code with
+`Dist()`, where every collective is a no-op. See docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, LoRAConfig
 from .data import Dataset, Example, bucketed_batches, collate
+from .distributed import SINGLE, Dist
 from .lora import adapter_state_dict, lora_modules, lora_parameters, save_adapter
 from .model import Llama
 from .tokenizer import IGNORE
@@ -55,10 +61,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {
             "--lr": self.lr > 0 and math.isfinite(self.lr), "--batch-size": self.batch_size >= 1,
-            "--grad-accum": self.grad_accum >= 1, "--epochs": self.epochs > 0,
+            "--grad-accum": self.grad_accum >= 1, "--epochs": self.epochs > 0 and math.isfinite(self.epochs),
             "--max-steps": self.max_steps is None or self.max_steps >= 1, "--eval-every": self.eval_every >= 1,
-            "--save-every": self.save_every >= 1, "--patience": self.patience >= 0, "--clip": self.clip > 0,
-            "--warmup-steps": self.warmup_steps >= 0, "--weight-decay": self.weight_decay >= 0,
+            "--save-every": self.save_every >= 1, "--patience": self.patience >= 0,
+            "--clip": self.clip > 0 and math.isfinite(self.clip), "--warmup-steps": self.warmup_steps >= 0,
+            "--weight-decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
             "--min-lr-ratio": 0 <= self.min_lr_ratio <= 1, "--val-rows": self.val_rows >= 1,
         }
         for flag, ok in checks.items():
@@ -124,33 +131,47 @@ def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision:
         return head_loss(model, hidden, labels)
 
 
+def supervised_tokens(micro: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro)
+
+
 def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                         device) -> tuple[float, int]:
+                         device, n_sup: int | None = None, dist: Dist = SINGLE) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step, normalised by the step's total
     supervised tokens (not per micro-batch, which would over-weight short examples).
+    Data parallel: `n_sup` is the step's count over *all* ranks, and the gradients are summed
+    over ranks once, after the last micro-batch, so every rank ends up holding exactly the
+    gradient one process would compute on the union of the ranks' rows.
     Returns (mean loss per supervised token, number of supervised tokens)."""
-    n_sup = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro)
+    if n_sup is None:
+        n_sup = supervised_tokens(micro)
     total = 0.0
     for ids, labels in micro:
         loss, _ = batch_loss(model, ids.to(device), labels.to(device), precision)
         (loss / max(n_sup, 1)).backward()
         total += loss.item()
+    if dist.active:
+        total = dist.sum_gradients([p for p in model.parameters() if p.requires_grad], total)
     return total / max(n_sup, 1), n_sup
 
 
 @torch.no_grad()
 def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id: int, precision: str,
-                  device) -> float:
-    """Mean loss per supervised token over `examples` (length-sorted batches, no padding waste)."""
+                  device, dist: Dist = SINGLE) -> float:
+    """Mean loss per supervised token over `examples` (length-sorted batches, no padding waste).
+    Data parallel: rank r evaluates batches r, r + world_size, ... and the loss sums and token
+    counts are all-reduced, so every rank gets the token-weighted mean over all of `examples`."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     total, count = 0.0, 0
-    for s in range(0, len(order), batch_size):
-        ids, labels = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
+    for rows in batches[dist.rank::dist.world_size]:
+        ids, labels = collate([examples[i] for i in rows], pad_id)
         loss, n = batch_loss(model, ids.to(device), labels.to(device), precision)
         total, count = total + loss.item(), count + n
     model.train(was_training)
+    total, count = dist.sum_floats(total, count)
     return total / max(count, 1)
 
 
@@ -207,10 +228,48 @@ def batch_stream(lengths: list[int], batch_size: int, seed: int, epoch: int, pos
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to `step`, so a resumed run's log reads like one run. A line cut
+    short by a killed process is dropped rather than failing the resume; the rewrite goes through
+    a temporary file, so a kill right now cannot lose the records either."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _check_resumable(c: dict, cfg: TrainConfig, dist: Dist, path: Path) -> None:
+    """Refuse a resume that would silently become a different run: the data order is a function
+    of the global batch (batch size x processes), the seed and the accumulation."""
+    saved_world = c.get("world_size", 1)
+    if saved_world != dist.world_size:
+        how = ("plain `python train.py`" if saved_world == 1
+               else f"`torchrun --nproc-per-node ...` with {saved_world} processes in all")
+        raise ConfigError(f"--resume: {path} was written by a run of {saved_world} process(es) and this run has "
+                          f"{dist.world_size}; the data order depends on it, so resume with {how}")
+    old = c.get("train_config", {})
+    changed = [f"--{k.replace('_', '-')} {old[k]} (now {getattr(cfg, k)})"
+               for k in ("batch_size", "grad_accum", "seed") if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume: {path} was written with {', '.join(changed)}; these fix the data order, "
+                          f"so resume with the values the run started with")
+
+
 def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run_dir: Path, pad_id: int,
           base_model_id: str, adapter_extra: dict | None = None, resume: bool = False,
-          device: torch.device = torch.device("cpu"), log=print, on_step=None) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
+          device: torch.device = torch.device("cpu"), log=print, on_step=None, dist: Dist = SINGLE) -> dict:
+    """Train the LoRA weights of `model`. In a torchrun job every rank calls this with its `dist`;
+    `cfg.batch_size` is then per rank and a step sees batch_size x world_size rows."""
+    main = dist.is_main
+    say = log if main else (lambda *a, **k: None)
+    note = tqdm.write if main else (lambda *a, **k: None)
     metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
     params = lora_parameters(model)
     if not params:
@@ -218,41 +277,62 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
     model.gradient_checkpointing = cfg.gradient_checkpointing
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     lengths = [len(e.ids) for e in ds.train]
-    steps_per_epoch = math.ceil(len(bucketed_batches(lengths, cfg.batch_size, 0)) / cfg.grad_accum)
+    global_batch = cfg.batch_size * dist.world_size  # rows per micro-batch, over all ranks
+    steps_per_epoch = math.ceil(len(bucketed_batches(lengths, global_batch, 0)) / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
     val = ds.val[: cfg.val_rows]
     state = {"step": 0, "epoch": 0, "pos": 0, "best_val": float("inf"), "best_step": 0, "bad_evals": 0,
              "tokens": 0, "supervised": 0, "elapsed": 0.0, "stopped_early": False}
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dist.rank)  # ranks draw different dropout masks
+
+    def check_storage() -> str | None:  # fail now rather than at the first save, maybe hours in
+        run_dir.mkdir(parents=True, exist_ok=True)
+        adapter_bytes = sum(p.numel() * p.element_size() for p in params)
+        return ckpt.check_free_space(run_dir, ckpt.estimate_bytes(params), adapter_bytes)
+
+    try:
+        warning = dist.on_main(check_storage)
+    except OSError as e:
+        raise ckpt.CheckpointError(f"{run_dir}: cannot create the run folder ({e.strerror or e})") from None
+    if warning:
+        say(f"[medlora] warning: {warning}")
+    saved_step: int | None = None  # the step of the newest checkpoint on disk, for the NaN message
 
     if resume:
-        c = ckpt.load(ckpt_path)
+        c = dist.on_main(lambda: ckpt.load(ckpt_path))  # one reader: other nodes need no shared disk
+        _check_resumable(c, cfg, dist, ckpt_path)
         with torch.no_grad():
             for name, m in lora_modules(model).items():
                 m.lora_A.weight.copy_(c["lora"][f"base_model.model.{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(c["lora"][f"base_model.model.{name}.lora_B.weight"])
         opt.load_state_dict(c["optimizer"])
         sched.load_state_dict(c["scheduler"])
-        ckpt.set_rng_state(c["rng"])
+        rngs = c.get("rng_ranks") or [c["rng"]]
+        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else c["rng"])
         state.update(c["state"])
-        # Keep only the metrics the checkpoint had seen, so the log reads like one run.
-        if metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state["step"]]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-        log(f"[medlora] resumed from {ckpt_path} at step {state['step']}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        saved_step = state["step"]
+        if main and metrics_path.exists():
+            _trim_metrics(metrics_path, state["step"])
+        say(f"[medlora] resumed from {ckpt_path} at step {state['step']}")
+    else:
+        dist.broadcast_tensors(params)  # every rank starts from rank 0's LoRA weights
+        if main and metrics_path.exists():
+            metrics_path.unlink()
 
     def save_checkpoint() -> None:
-        ckpt.save_atomic({"lora": adapter_state_dict(model), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "state": dict(state),
-                          "train_config": asdict(cfg), "lora_config": asdict(lora_cfg)}, ckpt_path)
+        nonlocal saved_step
+        rngs = dist.gather(ckpt.rng_state())  # every rank's RNG, so dropout resumes exactly too
+        dist.on_main(lambda: ckpt.save_atomic(
+            {"lora": adapter_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": ckpt.rng_state(), "rng_ranks": rngs, "world_size": dist.world_size, "state": dict(state),
+             "train_config": asdict(cfg), "lora_config": asdict(lora_cfg)}, ckpt_path))
+        saved_step = state["step"]
 
     def record(**rec) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     stop_signal: list[str] = []
 
@@ -260,36 +340,50 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
         stop_signal.append(signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    stream = batch_stream(lengths, cfg.batch_size, cfg.seed, state["epoch"], state["pos"])
+    stream = batch_stream(lengths, global_batch, cfg.seed, state["epoch"], state["pos"])
     model.train()
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not main)
     if val and state["step"] == 0 and "base_val" not in state:
         # Step 0 = the model before any update (B = 0): the baseline every later number is read against.
-        v0 = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device)
+        v0 = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist)
         state["base_val"] = v0
         record(kind="val", step=0, val_loss=v0, val_ppl=math.exp(min(v0, 50)))
-        tqdm.write(f"step 0 (base model): val loss {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f}) on {len(val)} rows")
+        note(f"step 0 (base model): val loss {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f}) on {len(val)} rows")
     t0 = time.time() - state["elapsed"]
     window: list[tuple[float, int]] = []
+    interrupted = False
     try:
-        while state["step"] < total and not stop_signal:
+        while state["step"] < total:
+            # Stop at the same step on every rank: one stopping alone would leave the others waiting
+            # in the next all-reduce. (One process: just "did a signal arrive?")
+            if dist.any(bool(stop_signal)):
+                interrupted = True
+                break
             micro = []
             for _ in range(cfg.grad_accum):
-                epoch, pos, idx = next(stream)
-                micro.append(collate([ds.train[i] for i in idx], pad_id))
+                epoch, pos, rows = next(stream)
+                mine = dist.shard(rows)  # this rank's rows of the global batch (all of it in one process)
+                if mine:
+                    micro.append(collate([ds.train[i] for i in mine], pad_id))
                 state["epoch"], state["pos"] = epoch, pos + 1
-            n_tok = sum(int((ids != pad_id).sum()) for ids, _ in micro)  # real (non-pad) tokens
+            # The step's supervised tokens over all ranks (the loss divisor) and real tokens (for tok/s).
+            n_sup, n_tok = dist.sum_ints(supervised_tokens(micro),
+                                         sum(int((ids != pad_id).sum()) for ids, _ in micro))
             step_t = time.time()
-            loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device)
+            loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device, n_sup, dist)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            # Loss and gradients are all-reduced, so every rank takes the same branch here.
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 if cfg.nan_policy == "stop":
+                    kept = (f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
+                            if saved_step is not None else "no checkpoint had been saved yet")
                     raise FloatingPointError(f"loss/gradient is not finite at step {state['step'] + 1} "
-                                             f"(loss={loss_val}, grad_norm={grad_norm}); the last good checkpoint "
-                                             f"is {ckpt_path}. Lower --lr or use --on-nan skip.")
-                log(f"[medlora] step {state['step'] + 1}: non-finite loss, batch skipped")
+                                             f"(loss={loss_val}, grad_norm={grad_norm}); {kept}. Lower --lr "
+                                             f"and start again, or continue past bad batches with --on-nan skip "
+                                             f"(plus --resume to continue from the checkpoint).")
+                say(f"[medlora] step {state['step'] + 1}: non-finite loss, batch skipped")
                 state["step"] += 1
                 sched.step()
                 continue
@@ -309,34 +403,41 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
 
             last = state["step"] == total
             if val and (state["step"] % cfg.eval_every == 0 or last):
-                v = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device)
+                v = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist)
                 record(kind="val", step=state["step"], val_loss=v, val_ppl=math.exp(min(v, 50)))
                 if v < state["best_val"]:
                     state.update(best_val=v, best_step=state["step"], bad_evals=0)
-                    save_adapter(model, run_dir / "best_adapter", lora_cfg, base_model_id,
-                                 {**(adapter_extra or {}), "step": state["step"], "val_loss": v})
+                    dist.on_main(lambda: save_adapter(model, run_dir / "best_adapter", lora_cfg, base_model_id,
+                                                      {**(adapter_extra or {}), "step": state["step"], "val_loss": v}))
                 else:
                     state["bad_evals"] += 1
-                tqdm.write(f"step {state['step']}: val loss {v:.4f} (ppl {math.exp(min(v, 50)):.2f}), "
-                           f"best {state['best_val']:.4f} @ {state['best_step']}")
+                note(f"step {state['step']}: val loss {v:.4f} (ppl {math.exp(min(v, 50)):.2f}), "
+                     f"best {state['best_val']:.4f} @ {state['best_step']}")
                 if cfg.patience and state["bad_evals"] >= cfg.patience:
                     state["stopped_early"] = True
-                    tqdm.write(f"early stop: no improvement in {cfg.patience} evaluations")
+                    note(f"early stop: no improvement in {cfg.patience} evaluations")
                     save_checkpoint()
                     break
-                plot_losses(metrics_path, run_dir / "loss.png")
+                dist.on_main(lambda: plot_losses(metrics_path, run_dir / "loss.png"))
             if state["step"] % cfg.save_every == 0 or last:
                 save_checkpoint()
             if on_step is not None:  # tests and tools hook in here (e.g. to interrupt a run)
                 on_step(state)
-        if stop_signal:
+        if interrupted:
             save_checkpoint()
-            log(f"\n[medlora] {stop_signal[0]}: checkpoint saved at step {state['step']}; "
+            why = stop_signal[0] if stop_signal else "a signal on another rank"
+            say(f"\n[medlora] {why}: checkpoint saved at step {state['step']}; "
                 f"resume with the same command plus --resume")
     finally:
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    save_adapter(model, run_dir / "adapter", lora_cfg, base_model_id, {**(adapter_extra or {}), "step": state["step"]})
-    plot_losses(metrics_path, run_dir / "loss.png")
-    return {**state, "total_steps": total, "interrupted": bool(stop_signal), "minutes": state["elapsed"] / 60}
+
+    def finish() -> None:
+        save_adapter(model, run_dir / "adapter", lora_cfg, base_model_id,
+                     {**(adapter_extra or {}), "step": state["step"]})
+        plot_losses(metrics_path, run_dir / "loss.png")
+
+    dist.on_main(finish)
+    return {**state, "total_steps": total, "interrupted": interrupted, "minutes": state["elapsed"] / 60,
+            "world_size": dist.world_size, "rows_per_step": global_batch * cfg.grad_accum}
