@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>-r<rank>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--sanity", action="store_true", help="overfit ~200 rows quickly and check the basics")
+    g.add_argument("--dry-run", action="store_true", help="print trainable parameters, memory estimate, tokens "
+                                                          "and steps, then exit without training")
     args = p.parse_args(argv)
     if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU
         args.limit_rows, args.max_seq_len, args.long_rows = args.limit_rows or 200, 160, "truncate"
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             return f"--out {run_dir}: not writable ({e.strerror})"
         return None
 
-    problem = dist.on_main(check_run_dir)
+    problem = None if args.dry_run else dist.on_main(check_run_dir)
     if problem:
         say(f"error: {problem}", file=sys.stderr)
         return 2
@@ -254,6 +256,13 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         inject_lora(model, lora_cfg)
     model.to(device)
     report = parameter_report(model)
+    if args.dry_run:
+        from medlora.inspect import dry_run_report, print_dry_run
+
+        if main_rank:
+            print_dry_run(dry_run_report(model, report, ds, args.batch_size, args.grad_accum, args.epochs,
+                                         args.max_steps, args.max_seq_len, tcfg.precision, dist.world_size))
+        return 0
     split = ds.info.pop("split")
 
     def write_records() -> None:  # rank 0 only

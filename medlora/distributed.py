@@ -154,4 +154,8 @@ def setup(device: torch.device) -> Dist:
 
 def shutdown(dist: Dist) -> None:
     if dist.active and tdist.is_initialized():
+        try:  # every rank arrives before the group is torn down: gloo aborts on a peer's early exit
+            tdist.barrier()
+        except RuntimeError:
+            pass
         tdist.destroy_process_group()

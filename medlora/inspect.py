@@ -160,3 +160,56 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def dry_run_report(model, report: dict, ds, batch_size: int, grad_accum: int, epochs: float,
+                   max_steps: int | None, max_len: int, precision: str, world_size: int = 1) -> dict:
+    """The numbers a reader would otherwise work out by hand before a run: what trains, how much
+    memory it needs, how many tokens and steps an epoch is. Memory is an estimate (documented
+    terms below), not a measurement."""
+    import math
+
+    from .data import bucketed_batches
+
+    cfg = model.config
+    total, trainable = report["total"], report["trainable"]
+    wbytes = next(model.parameters()).element_size()
+    abytes = 2 if precision == "bf16" else 4
+    lengths = [len(e.ids) for e in ds.train]
+    batches = bucketed_batches(lengths, batch_size * world_size, 0)
+    steps_per_epoch = math.ceil(len(batches) / grad_accum)
+    steps = max_steps or max(1, math.ceil(steps_per_epoch * epochs))
+    longest = max(max(len(ds.train[i].ids) for i in b) for b in batches)
+    # Saved activations per token and layer for the backward pass: the inputs of the 7 projections
+    # and their LoRA branches (~6 d + 2 kv), the SwiGLU intermediates (~3 f), norms/residuals (~2 d).
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    per_token = cfg.num_hidden_layers * (8 * d + 2 * kv + 3 * f) * abytes
+    act = batch_size * longest * per_token
+    head_chunk = 1024 * cfg.vocab_size * 4 * 2  # one chunk of fp32 logits + probabilities
+    mem = {"weights": total * wbytes, "lora_weights": trainable * 4, "gradients": trainable * 4,
+           "adam_state": trainable * 8, "activations_longest_batch": act, "head_loss_chunk": head_chunk}
+    mem["total"] = sum(mem.values())
+    return {
+        "trainable": trainable, "total": total, "share": report["share"], "per_target": report["per_target"],
+        "train_examples": len(ds.train), "val_examples": len(ds.val),
+        "tokens_per_epoch": sum(lengths), "supervised_per_epoch": sum(e.n_supervised for e in ds.train),
+        "micro_batches_per_epoch": len(batches), "steps_per_epoch": steps_per_epoch, "steps": steps,
+        "rows_per_step": batch_size * grad_accum * world_size, "longest_batch_tokens": longest,
+        "memory_bytes": mem,
+    }
+
+
+def print_dry_run(r: dict) -> None:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print("== dry run: nothing is trained ==")
+    print(f"trainable   {r['trainable']:,} of {r['total']:,} parameters ({100 * r['share']:.3f}%)")
+    for name, n in r["per_target"].items():
+        print(f"  {name:<10} {n:>12,}")
+    print(f"data        {r['train_examples']:,} train / {r['val_examples']:,} val examples; "
+          f"{r['tokens_per_epoch']:,} tokens per epoch ({r['supervised_per_epoch']:,} supervised)")
+    print(f"steps       {r['steps_per_epoch']:,} optimizer steps per epoch ({r['micro_batches_per_epoch']:,} micro-batches, "
+          f"{r['rows_per_step']} rows per step); this run: {r['steps']:,} steps")
+    m = r["memory_bytes"]
+    print(f"memory      ~{gib(m['total'])}: weights {gib(m['weights'])}, LoRA {gib(m['lora_weights'])} + grads "
+          f"{gib(m['gradients'])} + Adam {gib(m['adam_state'])}, activations of the longest batch "
+          f"({r['longest_batch_tokens']} tokens/row) {gib(m['activations_longest_batch'])}, head chunk {gib(m['head_loss_chunk'])}")

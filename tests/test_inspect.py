@@ -41,3 +41,38 @@ def test_inspect_example_cli():
     view = r.stdout.split("\n\n")[0]
     assert view.count("[[") == 1 and view.rstrip().endswith("<|im_end|>]]")
     assert "supervised" in r.stdout
+
+
+def test_trainable_count_matches_peft():
+    from helpers import tiny_model
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medlora.config import ALL_TARGETS, LoRAConfig
+    from medlora.lora import inject_lora, parameter_report
+
+    for targets in (list(ALL_TARGETS), ["q_proj", "v_proj"]):
+        ours = tiny_model(tie_word_embeddings=False)
+        inject_lora(ours, LoRAConfig(rank=8, targets=targets))
+        mine = parameter_report(ours)
+        hf = LlamaForCausalLM(LlamaConfig(**ours.config.to_hf()))
+        trainable, total = get_peft_model(hf, LoraConfig(r=8, target_modules=targets)).get_nb_trainable_parameters()
+        assert (mine["trainable"], mine["total"]) == (trainable, total)
+
+
+def test_dry_run_cli(gguf_path):
+    import math
+    import re
+
+    r = subprocess.run([sys.executable, "train.py", "--rank", "8", "--dry-run", "--limit-rows", "100",
+                        "--batch-size", "4", "--grad-accum", "3", "--model", gguf_path, "--out", "/nonexistent/never"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "nothing is trained" in out and "2,442,240 of 136,957,248" in out
+    n_train = int(re.search(r"data\s+([\d,]+) train", out).group(1).replace(",", ""))
+    micro = int(re.search(r"\(([\d,]+) micro-batches", out).group(1).replace(",", ""))
+    steps = int(re.search(r"steps\s+([\d,]+) optimizer steps", out).group(1).replace(",", ""))
+    assert micro == math.ceil(n_train / 4)  # fewer rows than one bucket window: plain ceil
+    assert steps == math.ceil(micro / 3)
+    assert "memory      ~" in out

@@ -338,8 +338,8 @@ def test_feedback_records_under_concurrent_posts(server, ours):
         assert r["rating"] == "bad" and r["original_answer"] == "A bad answer." and r["timestamp"]
     assert records[n]["rating"] == "good" and records[n]["messages"] == convo and records[n]["correction"] is None
     assert records[n + 1]["correction"] is None and records[n + 1]["messages"] == convo
-    # train.py --extra-data reads the file as it is.
-    assert len(load_chat_jsonl(server.feedback, ours[1], max_len=2048)) == n + 2
+    # train.py --extra-data reads every record except the bad answer nobody corrected.
+    assert len(load_chat_jsonl(server.feedback, ours[1], max_len=2048)) == n + 1
 
     for body, param in [({"messages": convo, "rating": "meh"}, "rating"),
                         ({"messages": convo[:1], "rating": "bad"}, "messages"),
