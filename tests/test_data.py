@@ -128,3 +128,24 @@ def test_fused_head_loss_equals_plain_cross_entropy():
     assert n == int((labels[:, 1:] != IGNORE).sum())
     assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
     assert (hidden.grad - h2.grad).abs().max() <= 1e-5
+
+
+def test_medquad_xml_folder(tmp_path):
+    """The original abachaa/MedQuAD layout: folders of XML documents with QAPairs."""
+    sub = tmp_path / "1_CancerGov_QA"
+    sub.mkdir()
+    (sub / "0000001_1.xml").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?><Document id="0000001_1"><Focus>Anemia</Focus><QAPairs>'
+        '<QAPair pid="1"><Question qid="1" qtype="information">What is (are) Anemia ?</Question>'
+        '<Answer>Anemia is a condition in which\n   the blood lacks healthy red cells.</Answer></QAPair>'
+        '<QAPair pid="2"><Question qid="2" qtype="symptoms">What are the symptoms of Anemia ?</Question>'
+        '<Answer></Answer></QAPair></QAPairs></Document>')
+    raw, info = load_source(str(tmp_path), verbose=False)
+    assert info["kind"] == "medquad-xml" and len(raw) == 2
+    rows, counts = clean_rows(raw)
+    assert [(r.qtype, r.question, r.answer) for r in rows] == [
+        ("information", "What is (are) Anemia ?", "Anemia is a condition in which the blood lacks healthy red cells.")]
+    assert counts["empty question/answer"] == 1
+    (sub / "broken.xml").write_text("<Document><QAPairs>")
+    with pytest.raises(DataError, match="broken.xml: invalid XML"):
+        load_source(str(tmp_path), verbose=False)
