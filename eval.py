@@ -65,7 +65,7 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}: line {n}: invalid JSON ({e.msg})")
+                raise SystemExit(f"error: {path}: line {n}: invalid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
                 raise SystemExit(f"error: {path}: line {n}: field 'prompt' must be a non-empty string")
             out.append(rec)
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     report: dict = {"models": {"base": base_info, "tuned": tuned_info}, "generation": gen.__dict__ | {"stop_ids": None},
                     "device": str(device), "precision": precision, "seed": args.seed,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    md = [f"# medlora evaluation: base vs tuned\n", f"- base: `{base_info['id']}`",
+    md = ["# medlora evaluation: base vs tuned\n", f"- base: `{base_info['id']}`",
           f"- tuned: `{args.adapter or args.model}`", f"- decoding: {'greedy' if gen.temperature == 0 else gen.__dict__}, "
           f"max {gen.max_new_tokens} new tokens; every prompt under the safe system prompt\n"]
 

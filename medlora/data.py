@@ -155,12 +155,10 @@ class Row:
 def clean_rows(raw: list[dict], question_col: str = "Question", answer_col: str = "Answer",
                source: str = "data") -> tuple[list[Row], Counter]:
     """Drop unusable rows (each counted by reason), collapse whitespace, drop exact duplicates."""
-    if raw and not any(question_col in r for r in raw[:1000]):
-        cols = sorted({k for r in raw[:100] if isinstance(r, dict) for k in r})
-        raise DataError(f"{source}: no column {question_col!r} (columns: {cols}); set --question-col")
-    if raw and not any(answer_col in r for r in raw[:1000]):
-        cols = sorted({k for r in raw[:100] if isinstance(r, dict) for k in r})
-        raise DataError(f"{source}: no column {answer_col!r} (columns: {cols}); set --answer-col")
+    for col, flag in ((question_col, "--question-col"), (answer_col, "--answer-col")):
+        if raw and not any(isinstance(r, dict) and col in r for r in raw[:1000]):
+            cols = sorted({k for r in raw[:100] if isinstance(r, dict) for k in r})
+            raise DataError(f"{source}: no column {col!r} (columns: {cols}); set {flag}")
     counts: Counter = Counter()
     seen: set[tuple[str, str]] = set()
     rows = []

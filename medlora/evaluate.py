@@ -12,7 +12,6 @@ A JSONL of your own prompts (`--prompts`) gets the same scoring by its fields.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from collections import Counter
@@ -265,11 +264,9 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    def default(o):
+    def default(o):  # dataclasses such as Answer and GenConfig
         if hasattr(o, "__dict__"):
-            return {k: v for k, v in o.__dict__.items()}
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
+            return dict(o.__dict__)
         raise TypeError(type(o))
 
     path.write_text(json.dumps(obj, indent=2, default=default))

@@ -285,7 +285,7 @@ def _how_to_load(base: dict, artifacts: dict, repo_id: str | None) -> str:
     parts.append(peft)
     if "merged.gguf" in artifacts:
         parts.append("**llama.cpp** (`merged.gguf`, chat template inside):\n\n```bash\n"
-                     f'llama-cli -m merged.gguf -cnv -sys "$(cat system_prompt.txt)"\n'
+                     'llama-cli -m merged.gguf -cnv -sys "$(cat system_prompt.txt)"\n'
                      "llama-server -m merged.gguf   # OpenAI-compatible API; send the system prompt as the first message\n"
                      "```\n\nwith `system_prompt.txt` holding the prompt above.")
     return "\n\n".join(parts)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -57,8 +58,8 @@ def test_split_on_real_medquad_has_zero_overlap():
 def test_examples_long_rows_and_system_prompt(ours):
     _, tok = ours
     rows, _ = clean_rows([{"Question": "What is anemia?", "Answer": "Anemia is a low red cell count. " * 60}])
-    counts = {}
-    assert build_examples(rows, tok, 128, "drop", counts := __import__("collections").Counter()) == []
+    counts = Counter()
+    assert build_examples(rows, tok, 128, "drop", counts) == []
     assert counts["longer than 128 tokens"] == 1
     ex = build_examples(rows, tok, 128, "truncate")[0]
     supervised = [x for x in ex.labels if x != IGNORE]

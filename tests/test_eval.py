@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT
 
 from medlora.evaluate import distinct_2, has_repeated_ngram, medical_talk, paired_bootstrap, rouge, token_f1
