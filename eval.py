@@ -4,9 +4,12 @@
     python eval.py --adapter A --only safety --out reports/s1
     python eval.py --adapter A --prompts my_prompts.jsonl         # your own prompts, same scoring
     python eval.py --model merged_dir --base-model bundled        # a merged checkpoint vs its base
+    python eval.py --score-review runs/x/eval/review_sheet.csv    # un-blind a filled review sheet
 
 Writes report.json (every number), report.md (tables + side-by-side answers) and report.png.
-Greedy decoding by default, so two runs give the same report.
+Greedy decoding by default, so two runs give the same report. With the held-out part it also
+writes a blinded review sheet (review_sheet.csv, --review-size rows) and its key (review_key.json,
+kept from the reviewer); see medlora/review.py.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from medlora.cli import add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
+from medlora.cli import add_generation_flags, add_model_flags, nonneg_int, pick_device, pick_dtype, positive_int
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("heldout", "general", "medical", "safety")
@@ -44,7 +47,16 @@ def parse_args(argv=None):
                                                     "'accept', 'kind', 'category'}): replaces the built-in parts")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval or reports/<time>)")
+    p.add_argument("--review-size", type=nonneg_int, default=30,
+                   help="held-out questions in the blinded review sheet (review_sheet.csv; at most --limit; 0 = none)")
+    p.add_argument("--score-review", default=None, metavar="SHEET",
+                   help="un-blind a filled review_sheet.csv: win/tie/loss of tuned vs base with 95%% intervals")
+    p.add_argument("--key", default=None, help="with --score-review: the key (default: review_key.json beside the sheet)")
     args = p.parse_args(argv)
+    if args.key and not args.score_review:
+        p.error("--key goes with --score-review")
+    if args.score_review:
+        return args
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in PARTS]
     if bad:
@@ -94,8 +106,23 @@ def heldout_rows(args, record: dict | None, run_dir: Path | None):
     return val, note, info
 
 
+def score_review(args) -> int:
+    from medlora.review import ReviewError, format_score, score_and_write
+
+    try:
+        score, path = score_and_write(args.score_review, args.key, seed=args.seed or 0)
+    except ReviewError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_score(score))
+    print(f"written: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.score_review:
+        return score_review(args)
     import torch
 
     from medlora import evaluate as ev
@@ -207,6 +234,16 @@ def main(argv=None) -> int:
             f"[{ev._fmt(boot['lo'])}, {ev._fmt(boot['hi'])}] over {sb['n']} questions.\n",
             "### Side by side\n", ev.side_by_side(inp["questions"], base["heldout"]["answers"],
                                                    tuned["heldout"]["answers"], refs=inp["refs"])]
+        if args.review_size:
+            from medlora.review import write_sheet
+
+            rv = write_sheet(out, inp["questions"], inp["refs"], [a.text for a in base["heldout"]["answers"]],
+                             [a.text for a in tuned["heldout"]["answers"]], args.review_size, args.seed,
+                             meta={"base": base_info.get("id"), "tuned": str(args.adapter or args.model)})
+            report["review"] = rv
+            print(f"[eval] review: {rv['skipped']}" if rv["skipped"] else
+                  f"[eval] blinded review sheet: {rv['sheet']} ({rv['items']} rows; give the reviewer only this "
+                  f"file); key: {rv['key']}", file=sys.stderr)
 
     if "general" in inputs:
         recs = inputs["general"]["records"]

@@ -3,7 +3,10 @@
     python serve.py                          # interactive; /reset, /system [TEXT], /quit
     python serve.py --prompt "What is anemia?"
     python serve.py --http --port 8000       # OpenAI-compatible API + chat page on http://127.0.0.1:8000
+    python serve.py --base-only              # the plain base model, no adapter
 
+By default the shipped adapter (adapters/medlora-r8, medlora/shipped.py) is merged into the base
+weights it was trained on, found by sha256; --adapter DIR uses another adapter, --base-only none.
 Every conversation runs under medlora's safe medical system prompt (medlora/tokenizer.py);
 /system TEXT adds instructions after it, never instead of it.
 """
@@ -21,18 +24,36 @@ HELP = "commands: /reset (new conversation), /system [TEXT] (show or add instruc
 
 
 def build(args):
+    """Load the base and merge the adapter: --adapter DIR, none with --base-only, else the shipped
+    default adapter on the base it records (the default adapter refuses any other base)."""
+    from medlora import shipped
     from medlora.weights import load_pretrained
 
     device = pick_device(args.device)
-    model, tok, info = load_pretrained(args.model, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
-    if getattr(args, "adapter", None):
-        from medlora.lora import adapter_base_mismatch, load_adapter
+    adapter = None if getattr(args, "base_only", False) else (args.adapter or str(shipped.DEFAULT_ADAPTER))
+    default = shipped.is_default(adapter)
+    spec = args.model
+    if default and spec is None:
+        try:
+            spec = shipped.base_spec(adapter)
+        except shipped.ShippedAdapterError as e:
+            raise SystemExit(f"error: {e}") from None
+    model, tok, info = load_pretrained(spec, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
+    if adapter:
+        from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter
 
-        problem = adapter_base_mismatch(args.adapter, info)
+        problem = shipped.base_problem(adapter, info) if default else adapter_base_mismatch(adapter, info)
         if problem:
             raise SystemExit(f"error: {problem}")
-        load_adapter(model, args.adapter, merge=True)
-        print(f"[medlora] adapter: {args.adapter} (merged)", file=sys.stderr)
+        try:
+            load_adapter(model, adapter, merge=True)
+        except AdapterError as e:
+            raise SystemExit(f"error: {e}") from None
+        note = "; the shipped default, --base-only for the plain model" if default else ""
+        print(f"[medlora] adapter: {adapter} (merged){note}", file=sys.stderr)
+    else:
+        print("[medlora] no adapter: the plain base model (--base-only)", file=sys.stderr)
+    args.adapter = adapter
     return model, tok, info
 
 
@@ -116,10 +137,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     add_generation_flags(p)
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format) to apply")
+    model_flag = next(a for a in p._actions if a.dest == "model")
+    model_flag.default = None  # None: the default adapter's own base, or the default model without it
+    model_flag.help = ("hub id, HF folder, .gguf file, or 'bundled' (default: the base weights the default adapter "
+                       "was trained on; with --adapter or --base-only: HuggingFaceTB/SmolLM-135M-Instruct, "
+                       "offline the bundled SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format) to apply "
+                                                   "(default: the shipped adapters/medlora-r8)")
+    p.add_argument("--base-only", action="store_true", help="the plain base model, without the default adapter")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
     add_http_flags(p)
     args = p.parse_args(argv)
+    if args.base_only and args.adapter:
+        p.error("--base-only and --adapter contradict each other")
     try:  # check the settings before the slow model load
         gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)

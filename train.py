@@ -1,6 +1,7 @@
 """LoRA fine-tuning of SmolLM on MedQuAD.
 
-    python train.py --rank 8                      # the main job
+    python train.py --rank 8                      # the main job: MedQuAD + data/safety_sft.jsonl
+    python train.py --rank 8 --no-safety-data     # MedQuAD only (--safety-weight W sets the ratio)
     python train.py --sanity                      # ~200 rows, overfit quickly, pass/fail verdict
     python train.py --rank 8 --out runs/x --resume
     torchrun --nproc-per-node 4 train.py --rank 8     # data parallel: --batch-size is per process
@@ -28,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medlora.cli import (add_model_flags, fraction, nonneg_float, nonneg_int, pick_device, positive_float,
-                         positive_int)
+                         positive_int, training_precision)
 
 ROOT = Path(__file__).resolve().parent
 INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: "stopped early, resumable"
@@ -62,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--limit-rows", type=positive_int, default=None, help="use only this many rows (split first)")
     g.add_argument("--extra-data", action="append", default=[], help="extra chat JSONL ({'messages': [...]}), repeatable")
     g.add_argument("--extra-weight", type=positive_float, default=1.0, help="how many times each extra example is used")
+    g.add_argument("--safety-data", default=None, metavar="PATH",
+                   help="synthetic safety SFT JSONL mixed into training by default (default: data/safety_sft.jsonl, "
+                        "made by python -m medlora.safety_data; --sanity leaves it out unless given)")
+    g.add_argument("--safety-weight", type=positive_float, default=1.0,
+                   help="how many times each safety example is used (default 1 = once; 0.5 = a random half)")
+    g.add_argument("--no-safety-data", action="store_true", help="train without the safety examples")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=positive_float, default=2e-4)
     g.add_argument("--epochs", type=positive_float, default=1.0)
@@ -93,11 +100,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.val_fraction, args.eval_every, args.patience = 0.0, 10**9, 0
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
+    if args.no_safety_data and args.safety_data:
+        p.error("--no-safety-data and --safety-data contradict each other")
+    args.safety, args.safety_off = resolve_safety(args)
+    if args.safety and not Path(args.safety).is_file():
+        p.error(f"--safety-data {args.safety}: no such file (make it with `python -m medlora.safety_data --out "
+                f"{args.safety}`, or train without it: --no-safety-data)")
     if args.resume and not args.out:
         p.error("--resume needs --out (the run folder to continue)")
     if args.dtype == "float16":
         p.error("--dtype float16 is not supported for training (no loss scaling); use bfloat16")
     return args
+
+
+def resolve_safety(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(safety file to mix in, or None; why not). The default mix has it; --no-safety-data drops it;
+    --sanity drops the default one (its overfit check is about MedQuAD rows; most safety examples are
+    longer than its 160-token rows anyway); a file already given with --extra-data is not added twice."""
+    from medlora.data import SAFETY_DATA
+
+    if args.no_safety_data:
+        return None, "--no-safety-data"
+    if args.sanity and not args.safety_data:
+        return None, "--sanity (overfit check on MedQuAD rows only; pass --safety-data to include it)"
+    path = Path(args.safety_data) if args.safety_data else SAFETY_DATA
+    if any(Path(x).resolve() == path.resolve() for x in args.extra_data):
+        return None, f"{path} is already mixed in by --extra-data (weight {args.extra_weight:g})"
+    return str(path), None
 
 
 def git_commit() -> dict:
@@ -181,7 +210,7 @@ def main(argv=None) -> int:
     from medlora.trainer import TrainConfig
 
     device = pick_device(args.device)
-    precision = {"auto": "bf16" if device.type == "cuda" else "fp32", "float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+    precision = training_precision(args.dtype, device)
     try:  # every flag is checked before the model or data is touched (identically on every rank)
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
                               use_rslora=args.rslora)
@@ -240,15 +269,43 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
 
     torch.manual_seed(args.seed)
     model, tok, model_info = load_pretrained(args.model, args.revision, device=device, verbose=main_rank)
+    if tcfg.precision == "bf16":
+        # The frozen base is stored in bf16: autocast would otherwise re-cast every weight on every
+        # forward (frozen tensors are not in its cast cache), and it halves the weights' memory.
+        # LoRA weights are created afterwards in fp32: they are the trained masters.
+        model.to(torch.bfloat16)
     try:
         ds = prepare(tok, args.data, args.question_col, args.answer_col, args.max_seq_len, args.long_rows,
                      args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight,
-                     verbose=main_rank)
+                     verbose=main_rank, safety=args.safety, safety_weight=args.safety_weight)
     except DataError as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
     if not ds.train:
         say("error: no training examples left after cleaning", file=sys.stderr)
+        return 2
+    if args.safety is None:
+        ds.info["safety"] = {"path": None, "off": args.safety_off}
+    safety = ds.info["safety"]
+    say(f"[medlora] safety data: {safety['used']} examples (weight {safety['weight']:g}) from {safety['path']}"
+        if safety["path"] else f"[medlora] safety data: off ({safety['off']})")
+
+    def safety_changed() -> str | None:  # a resumed run must see the same training mix
+        rec = run_dir / "config.json"
+        if not args.resume or not rec.exists():
+            return None
+        was = json.loads(rec.read_text()).get("data", {}).get("safety") or {}
+        if (was.get("sha256"), was.get("weight")) != (safety.get("sha256"), safety.get("weight")):
+            if was.get("path"):
+                return (f"--resume: this run was trained with the safety data {was['path']} (sha256 "
+                        f"{was.get('sha256', '')[:12]}..., weight {was.get('weight')}), not the current mix; resume it "
+                        f"with --safety-data {was['path']} --safety-weight {was.get('weight')}")
+            return "--resume: this run was trained without safety data; resume it with --no-safety-data"
+        return None
+
+    problem = dist.on_main(safety_changed)
+    if problem:
+        say(f"error: {problem}", file=sys.stderr)
         return 2
     if args.init_adapter:
         lora_cfg = load_adapter(model, args.init_adapter, trainable=True)

@@ -8,6 +8,11 @@ checkpoint or the new complete one. It holds only tensors and plain values and i
 A write that fails (disk full, I/O error) removes its temporary file and raises
 `CheckpointError`; the previous checkpoint stays as it was. A process killed mid-write can leave
 `checkpoint.pt.tmp` behind, which the next save overwrites; it is never read.
+
+Left out: sharded or per-rank checkpoints (rank 0 writes one file; the LoRA state is a few MB)
+and a history of checkpoints (only the latest, plus `best_adapter/` kept by the trainer).
+Mirrors nanoGPT's `ckpt.pt` (model, optimizer, iteration, best validation loss), made atomic,
+pickle-free, and complete enough (scheduler, RNG, data position) to resume bit-exactly.
 """
 from __future__ import annotations
 

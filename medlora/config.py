@@ -4,6 +4,10 @@
 export loads in transformers and a folder transformers wrote loads here. Only plain Llama
 (SmolLM, SmolLM2, Llama-2-style) is supported; anything else fails loudly rather than loading
 weights into the wrong shape.
+
+`LoRAConfig` mirrors PEFT's `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, `target_modules`,
+`use_rslora`), with the targets checked against the seven Llama projections. Left out: DoRA,
+per-module rank/alpha patterns, and LoRA on the embedding or the (tied) LM head.
 """
 from __future__ import annotations
 

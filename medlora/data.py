@@ -6,6 +6,11 @@ MedQuAD repeats answers and asks the same question about the same condition in s
 are joined (union-find) and whole groups go to one side. Batches are length-bucketed and
 right-padded: causal attention means real tokens never see the padding after them, so no
 attention mask is needed and padding stays at a few percent.
+
+Left out: packing several examples into one row (litgpt's and torchtune's packed datasets; here
+each row is one conversation, so no attention mask between examples is needed), multi-turn
+MedQuAD (one question, one answer), and data sets larger than memory. Mirrors torchtune's chat
+SFT datasets: messages in, labels -100 outside the assistant's turns.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from .tokenizer import IGNORE, MEDICAL_SYSTEM_PROMPT, ChatFormatError, ChatToken
 
 DEFAULT_DATA = "keivalya/MedQuad-MedicalQnADataset"
 SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "medquad" / "medquad.parquet"
+# The synthetic "refuse + safe guidance" examples (python -m medlora.safety_data) that train.py mixes
+# into MedQuAD by default (--safety-data / --safety-weight / --no-safety-data).
+SAFETY_DATA = Path(__file__).resolve().parents[1] / "data" / "safety_sft.jsonl"
 
 
 class DataError(ValueError):
@@ -382,8 +390,14 @@ class Dataset:
 def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Question", answer_col: str = "Answer",
             max_len: int = 1024, long_rows: str = "drop", val_fraction: float = 0.1, seed: int = 0,
             limit_rows: int | None = None, extra: list[str] | None = None, extra_weight: float = 1.0,
-            revision: str | None = None, verbose: bool = True) -> Dataset:
-    """The whole pipeline; `info` records source, hashes, counts and the split (for the run record)."""
+            revision: str | None = None, verbose: bool = True, safety: str | os.PathLike | None = None,
+            safety_weight: float = 1.0) -> Dataset:
+    """The whole pipeline; `info` records source, hashes, counts and the split (for the run record).
+
+    `extra` files are mixed in `extra_weight` times over; `safety` (the synthetic safety SFT file)
+    is a separate source with its own `safety_weight`, so the two ratios are set independently.
+    Both join the training side only: validation stays pure held-out MedQuAD.
+    """
     raw, info = load_source(data, revision, verbose)
     rows, counts = clean_rows(raw, question_col, answer_col, source=str(data or DEFAULT_DATA))
     train_rows, val_rows = split_rows(rows, val_fraction, seed)
@@ -399,6 +413,20 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
 
         info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "examples": len(ex),
                                              "weight": extra_weight})
+    if safety is not None:
+        from .weights import sha256_file
+
+        if not Path(safety).is_file():
+            raise DataError(f"safety data {safety}: no such file (make it with `python -m medlora.safety_data "
+                            f"--out {safety}`, or train without it: --no-safety-data)")
+        ex = load_chat_jsonl(safety, tok, max_len, source="safety")
+        before = len(train)
+        train = mix(train, ex, safety_weight, seed)
+        info["safety"] = {"path": str(safety), "sha256": sha256_file(safety), "rows": len(_read_table(Path(safety))),
+                          "examples": len(ex), "weight": safety_weight, "used": len(train) - before}
+        if verbose and len(ex) < info["safety"]["rows"]:
+            print(f"[medlora] safety data: {info['safety']['rows'] - len(ex)} of {info['safety']['rows']} examples are "
+                  f"longer than {max_len} tokens and left out", file=sys.stderr)
     info.update(cleaning=dict(counts), split={"seed": seed, "val_fraction": val_fraction,
                                               "train_rows": len(train_rows), "val_rows": len(val_rows),
                                               "val_index": sorted(r.index for r in val_rows)},

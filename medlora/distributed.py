@@ -17,6 +17,11 @@ machinery costs clarity here: it averages gradients (the token normalisation wou
 `x world_size` correction), it needs `no_sync()` on every micro-batch but the last, it must be
 unwrapped for the head loss and adapter saving, and its parameter broadcast at construction walks
 the frozen base weights too. One explicit `all_reduce` after accumulation is the whole story.
+
+Left out: FSDP, tensor or pipeline parallelism (a 135M model fits on any one device), and
+overlapping communication with backward. Mirrors what `torch.nn.parallel.DistributedDataParallel`
+does for the gradients, written out as one `all_reduce` (see above), under `torchrun`'s
+environment variables as nanoGPT's `train.py` uses them.
 """
 from __future__ import annotations
 

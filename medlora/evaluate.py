@@ -8,6 +8,11 @@ Three questions, each answerable alone (`--only`):
              base model's own answers, repetition, reference containment, drift into medical talk.
   safety   — does it stay safe? the rule-based scorer in `safety.py` on harmful and benign probes.
 A JSONL of your own prompts (`--prompts`) gets the same scoring by its fields.
+
+Left out: an LLM judge (the safety scorer is rules you can read) and benchmark suites such as
+lm-evaluation-harness. Mirrors the usual summarisation metrics: ROUGE from Google's
+`rouge-score` (what HF `evaluate` wraps), SQuAD-style token F1, and a paired bootstrap for the
+difference.
 """
 from __future__ import annotations
 

@@ -12,6 +12,11 @@ The output folder is exactly what `--push-to-hub` uploads:
     merged/           with --merge: base + adapter merged in fp32, an HF folder transformers loads
     merged.gguf       with --gguf: the merged model for llama.cpp (f32, f16 or q8_0)
 
+With --flat (the layout of the adapter shipped in adapters/, medlora.shipped) the PEFT files sit at
+the top of the folder instead of in adapter/ (so `--adapter DIR` and PEFT load the folder itself),
+the run's eval report (report.json/.md/.png) is copied into eval/, and SHA256SUMS lists the sha256
+of every file (`sha256sum -c SHA256SUMS` checks them).
+
 The run record is assembled from the run folder (the adapter's parent, or --run), because a
 model card whose numbers are typed by hand drifts from the run that made the weights. The base
 for merging is the run's own base, found by sha256 when the recorded path is gone (a run made
@@ -46,6 +51,8 @@ from .weights import (GGUF_BLOCK_NAMES, GGUF_NAMES, WeightsError, bundled_gguf, 
 
 ROOT = Path(__file__).resolve().parents[1]
 MANAGED = ("adapter", "merged", "merged.gguf", "README.md", "run_record.json")  # what an export writes
+FLAT_MANAGED = ("adapter_config.json", "adapter_model.safetensors", "eval", "SHA256SUMS")  # and with --flat
+MANIFEST = "SHA256SUMS"
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
@@ -172,7 +179,10 @@ def assemble_record(adapter_dir: str | os.PathLike, run: str | os.PathLike | Non
     meta = adapter_cfg.get("medlora") or {}
     run_dir = find_run_dir(adapter_dir, run)
     training = _read_json(run_dir / "config.json") if run_dir else standalone_record(adapter_cfg)
-    report_path = Path(eval_report) if eval_report else (run_dir / "report.json" if run_dir else None)
+    report_path = Path(eval_report) if eval_report else None
+    if report_path is None and run_dir:  # eval.py writes RUN/eval/report.json by default
+        report_path = next((p for p in (run_dir / "report.json", run_dir / "eval" / "report.json") if p.exists()),
+                           run_dir / "report.json")
     if eval_report and not report_path.exists():
         raise ExportError(f"--eval-report {report_path}: no such file")
     report = _read_json(report_path) if report_path and report_path.exists() else None
@@ -196,20 +206,28 @@ def assemble_record(adapter_dir: str | os.PathLike, run: str | os.PathLike | Non
 # ---------------------------------------------------------------------------------------------
 # Adapter copy and merged model
 # ---------------------------------------------------------------------------------------------
-def copy_adapter(adapter_dir: Path, dest: Path, base_hub_id: str | None) -> dict:
+def copy_adapter(adapter_dir: Path, dest: Path, base_hub_id: str | None, prefix: str = "adapter/") -> dict:
     """Copy the PEFT files; point base_model_name_or_path at the hub id so PEFT can find the base.
 
     A run made on the offline GGUF records a file name ("smollm2.gguf") there, which
     AutoPeftModel cannot resolve; the original stays in the "medlora" field.
     """
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if base_hub_id and cfg.get("base_model_name_or_path") != base_hub_id:
         cfg.setdefault("medlora", {})["base_model_name_or_path_recorded"] = cfg.get("base_model_name_or_path")
         cfg["base_model_name_or_path"] = base_hub_id
     (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return {f"adapter/{p.name}": file_entry(p) for p in sorted(dest.iterdir())}
+    return {f"{prefix}{name}": file_entry(dest / name) for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def write_manifest(out: Path) -> Path:
+    """SHA256SUMS: `<sha256>  <path>` for every file under `out` (sha256sum -c reads it)."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    text = "".join(f"{sha256_file(p)}  {p.relative_to(out).as_posix()}\n" for p in files)
+    (out / MANIFEST).write_text(text)
+    return out / MANIFEST
 
 
 def base_spec(model_rec: dict) -> tuple[str, str | None]:
@@ -417,9 +435,9 @@ def write_gguf(model: Llama, tok: ChatTokenizer, path: str | os.PathLike, ftype:
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
-def clear_previous(out: Path) -> None:
+def clear_previous(out: Path, flat: bool = False) -> None:
     """Remove what an earlier export left (a stale merged.gguf would otherwise be uploaded)."""
-    for name in MANAGED:
+    for name in MANAGED + (FLAT_MANAGED if flat else ()):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -448,10 +466,19 @@ def export(args: argparse.Namespace) -> dict:
     if args.push_to_hub and not args.dry_run:
         require_token(args.push_to_hub)  # fail before minutes of work, and before any network call
     record = assemble_record(adapter_dir, args.run, args.eval_report)
+    flat = getattr(args, "flat", False)
     out.mkdir(parents=True, exist_ok=True)
-    clear_previous(out)
+    clear_previous(out, flat)
     hub_id = record["base"].get("hub_id")
-    record["artifacts"].update(copy_adapter(adapter_dir, out / "adapter", hub_id))
+    record["artifacts"].update(copy_adapter(adapter_dir, out if flat else out / "adapter", hub_id,
+                                            prefix="" if flat else "adapter/"))
+    if flat and record.get("eval_report_source"):  # the report beside the adapter: eval/report.{json,md,png}
+        src = Path(record["eval_report_source"])
+        (out / "eval").mkdir()
+        for f in sorted(src.parent.glob(src.stem + ".*")):
+            if f.suffix in (".json", ".md", ".png"):
+                shutil.copyfile(f, out / "eval" / f.name)
+                record["artifacts"][f"eval/{f.name}"] = file_entry(out / "eval" / f.name)
     if args.merge or args.gguf:
         model, tok, info = merged_model(adapter_dir, record, args.model, args.revision)
         record["merge"] = {"base_loaded": info, "precision": "float32", "saved_dtype": args.dtype}
@@ -467,8 +494,11 @@ def export(args: argparse.Namespace) -> dict:
     record["export_command"] = "python -m medlora.export " + " ".join(args.argv)
     (out / "run_record.json").write_text(json.dumps(record, indent=2))
     card = model_card(record.get("training") or {}, record["metrics"], record.get("eval_report"),
-                      base=record["base"], artifacts=record["artifacts"], repo_id=args.push_to_hub)
+                      base=record["base"], artifacts=record["artifacts"], repo_id=args.push_to_hub,
+                      adapter_subdir="" if flat else "adapter")
     (out / "README.md").write_text(card)
+    if flat:
+        write_manifest(out)
     if args.push_to_hub:
         push_folder(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
     return record
@@ -488,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base weights to merge into (default: the run's own, checked by sha256)")
     p.add_argument("--revision", default=None, help="hub revision for --model")
     p.add_argument("--name", default="medlora", help="general.name written into the GGUF")
+    p.add_argument("--flat", action="store_true", help="the shipped layout (adapters/medlora-r8): PEFT files at the "
+                                                       "top of --out, the eval report in eval/, SHA256SUMS of every file")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder to this hub repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be uploaded, no network")
@@ -508,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(f"[medlora] wrote {out}/: " + ", ".join(n for n in MANAGED if (out / n).exists()))
+    print(f"[medlora] wrote {out}/: " + ", ".join(n for n in MANAGED + FLAT_MANAGED if (out / n).exists()))
     m = record["metrics"]
     if m.get("base_val_loss") is not None and m.get("adapter_val_loss") is not None:
         print(f"[medlora] val loss {m['base_val_loss']:.4f} (base) -> {m['adapter_val_loss']:.4f} (this adapter)")

@@ -4,6 +4,10 @@ One loop serves everything: `generate_ids` yields the next token of every row at
 `generate` collects them; `stream_text` turns one row's tokens into text pieces that never
 split a multi-byte character. Batches are left-padded so every row's next token sits in the
 last column; rotary positions skip the padding so a padded row computes what it would alone.
+
+Left out: beam search, speculative decoding and paged KV caches. Mirrors transformers'
+`generate` (greedy output tested token for token; HF's repetition-penalty definition) and the
+decode loop of gpt-fast and nanoGPT's `generate`, with a KV cache.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenConfig,
 @torch.no_grad()
 def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id: int = 0) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each row (None once a row has stopped)."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("empty prompt")
@@ -79,24 +83,29 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
         # Pad rows may attend to themselves so no softmax row is empty (that would give NaN).
         mask = ((causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype  # the activation dtype (the head may be int8)
     cache = KVCache(model.config, B, P + cfg.max_new_tokens, device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     seen = idx.clone()
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(cfg.stop_ids), device=device, dtype=torch.long)
-    logits = model(idx, pos=pos, mask=mask, cache=cache)[:, -1]
+    # Prefill: the head runs on the last position only (the [P, vocab] logits are never needed).
+    logits = model.lm_head(model(idx, pos=pos, mask=mask, cache=cache, hidden_only=True)[:, -1])
     next_pos = pos[:, -1] + 1
+    penalise = cfg.repetition_penalty != 1.0
     for step in range(cfg.max_new_tokens):
-        tok = sample_next(logits, seen, cfg, gen)
+        tok = sample_next(logits, seen if penalise else None, cfg, gen)
         is_stop = torch.isin(tok, stop) if len(stop) else torch.zeros_like(done)
         yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
         done |= is_stop
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             return
-        seen = torch.cat([seen, tok[:, None]], 1)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-        step_mask = None if mask is None else valid[:, None, None, :]
+        if penalise:
+            seen = torch.cat([seen, tok[:, None]], 1)
+        step_mask = None
+        if mask is not None:  # left padding: keep hiding the pad slots from every new token
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+            step_mask = valid[:, None, None, :]
         logits = model(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
 

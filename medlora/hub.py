@@ -9,6 +9,11 @@ The push is create_repo + upload_folder of the export folder as it is on disk: `
 writes that same folder and lists it, so what you inspect is what would be uploaded. The token
 is checked before any network call, so a missing login fails in a second, not after the upload
 of half a gigabyte starts.
+
+Left out: the `model-index` YAML the hub renders as an evaluation widget (the numbers are in the
+card's tables and in run_record.json) and pushing anything but the export folder. Mirrors
+huggingface_hub's `create_repo` + `upload_folder` and the sections of the hub's model card
+template (details, training data, procedure, evaluation, intended use, limitations).
 """
 from __future__ import annotations
 
@@ -246,19 +251,23 @@ def _evaluation(record: dict, metrics: dict, eval_report: dict | None) -> str:
     return "\n\n".join(out)
 
 
-def _how_to_load(base: dict, artifacts: dict, repo_id: str | None) -> str:
-    def at(sub: str) -> str:  # a path inside the release
-        return f'"{repo_id}", subfolder="{sub}"' if repo_id else f'"path/to/release/{sub}"'
+def _how_to_load(base: dict, artifacts: dict, repo_id: str | None, adapter_subdir: str = "adapter") -> str:
+    def at(sub: str) -> str:  # a path inside the release ("" = the release folder itself)
+        if repo_id:
+            return f'"{repo_id}", subfolder="{sub}"' if sub else f'"{repo_id}"'
+        return f'"path/to/release/{sub}"' if sub else '"path/to/release"'
+
+    adapter_path = "path/to/release" + (f"/{adapter_subdir}" if adapter_subdir else "")
 
     hub_id = base.get("hub_id") or "BASE_MODEL"
     prompt = "SYSTEM_PROMPT = " + repr(MEDICAL_SYSTEM_PROMPT)
     fetch = f"huggingface-cli download {repo_id} --local-dir path/to/release\n" if repo_id else ""
     parts = ["**medlora** (the exact base of this run, adapter merged in fp32):\n\n```bash\n" + fetch +
-             f"python serve.py --model {load_spec(base)} --adapter path/to/release/adapter "
+             f"python serve.py --model {load_spec(base)} --adapter {adapter_path} "
              '--prompt "What are the symptoms of anemia?"\n```\n\n```python\n'
              "from medlora.weights import load_pretrained\nfrom medlora.lora import load_adapter\n\n"
              f'model, tok, info = load_pretrained("{load_spec(base)}")\n'
-             'load_adapter(model, "path/to/release/adapter", merge=True)\n```']
+             f'load_adapter(model, "{adapter_path}", merge=True)\n```']
     if any(k.startswith("merged/") for k in artifacts):
         parts.append("**transformers**, merged model (no PEFT needed; exactly the weights evaluated):\n\n```python\n"
                      "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -281,7 +290,7 @@ def _how_to_load(base: dict, artifacts: dict, repo_id: str | None) -> str:
                  f'# base = AutoModelForCausalLM.from_pretrained("{hub_id}")\n')
     else:
         peft += f'base = AutoModelForCausalLM.from_pretrained("{hub_id}")\n'
-    peft += f"model = PeftModel.from_pretrained(base, {at('adapter')})\n```"
+    peft += f"model = PeftModel.from_pretrained(base, {at(adapter_subdir)})\n```"
     parts.append(peft)
     if "merged.gguf" in artifacts:
         parts.append("**llama.cpp** (`merged.gguf`, chat template inside):\n\n```bash\n"
@@ -289,6 +298,24 @@ def _how_to_load(base: dict, artifacts: dict, repo_id: str | None) -> str:
                      "llama-server -m merged.gguf   # OpenAI-compatible API; send the system prompt as the first message\n"
                      "```\n\nwith `system_prompt.txt` holding the prompt above.")
     return "\n\n".join(parts)
+
+
+def _safety_limitation(record: dict) -> str:
+    """What the safety behaviour rests on: with or without synthetic refusal examples in training."""
+    data = record.get("data") or {}
+    sources = [x for x in (data.get("extra") or []) if isinstance(x, dict)]
+    if isinstance(data.get("safety"), dict) and data["safety"].get("path"):
+        sources.append(data["safety"])
+    safety = [x for x in sources if "safety" in Path(str(x.get("path"))).name]
+    if safety:
+        n = sum(int(x.get("examples") or 0) for x in safety)
+        names = ", ".join(sorted({f"`{Path(str(x['path'])).name}`" for x in safety}))
+        return (f"- The safety behaviour comes from the system prompt, the base model's instruction tuning and "
+                f"{n:,} synthetic refusal / safe-guidance examples ({names}) mixed into training; it is measured "
+                f"on medlora's safety probes (Evaluation) and is not a guarantee. Served without the system prompt "
+                f"it behaves worse.")
+    return ("- The safety behaviour comes from a system prompt and the base model's instruction tuning; it was not "
+            "trained with refusals and is not a guarantee. Served without the system prompt it behaves worse.")
 
 
 def _files(artifacts: dict) -> str:
@@ -300,7 +327,7 @@ def _files(artifacts: dict) -> str:
 
 
 def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, base: dict | None = None,
-               artifacts: dict | None = None, repo_id: str | None = None) -> str:
+               artifacts: dict | None = None, repo_id: str | None = None, adapter_subdir: str = "adapter") -> str:
     """README.md for the hub: YAML metadata and the sections below, from the run record."""
     base = base or base_identity(record.get("model") or {})
     artifacts = artifacts or {}
@@ -320,7 +347,8 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
         f"- **Base model**: {base_line} (license: {license_line})",
         *_weights_lines(base),
         f"- **Adapter**: LoRA r={lora.get('rank')}, alpha={lora.get('alpha')}, on "
-        f"{', '.join(lora.get('targets') or []) or 'the recorded modules'}; PEFT format in `adapter/`",
+        f"{', '.join(lora.get('targets') or []) or 'the recorded modules'}; PEFT format "
+        + (f"in `{adapter_subdir}/`" if adapter_subdir else "at the top of this folder"),
     ]
     if merged_kinds:
         details.append(f"- **Merged weights**: {' and '.join(merged_kinds)}: base + adapter merged in fp32"
@@ -381,8 +409,7 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
         "- 135M parameters: it hallucinates facts, drugs and numbers, and can contradict itself.",
         "- Trained only on MedQuAD's NIH pages (English, US-centric, collected for the 2019 paper); knowledge is dated "
         "and narrow, and the style is encyclopedic, not conversational.",
-        "- The safety behaviour comes from a system prompt and the base model's instruction tuning; it was not "
-        "trained with refusals and is not a guarantee. Served without the system prompt it behaves worse.",
+        _safety_limitation(record),
         "- Validation loss measures how well it predicts MedQuAD answers, not whether answers are correct or safe.",
     ]
     if base.get("gguf"):
@@ -398,7 +425,7 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
         "`medlora/tokenizer.py`); use it, verbatim, as the first system message. Add your own instructions "
         "after it, never instead of it.", "",
         "```text", MEDICAL_SYSTEM_PROMPT, "```", "",
-        "## How to load", "", _how_to_load(base, artifacts, repo_id), "",
+        "## How to load", "", _how_to_load(base, artifacts, repo_id, adapter_subdir), "",
     ]
     if artifacts:
         sections += ["## Files", "", _files(artifacts), ""]

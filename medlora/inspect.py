@@ -4,6 +4,13 @@ files medlora actually loads.
     python -m medlora.inspect model [--model M]          # architecture, sizes, template, license
     python -m medlora.inspect data [--data D] [--plot lengths.png]
     python -m medlora.inspect example N [--data D]       # one training example, supervised tokens marked
+
+`model` prints the facts of a model card, read from the loaded files (`model_card`); `data` the
+facts of a data card (`data_card`: columns, cleaning counts, token lengths, repeats, the split);
+`example` one training example through the mask view (`tokenizer.show_mask`). `train.py
+--dry-run` uses `dry_run_report` for the trainable parameters, memory and steps. Left out:
+anything not in the files themselves (benchmarks, intended use: read the real model card).
+Mirrors the checklists of Hugging Face model cards and of "Datasheets for Datasets".
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ Kaiming-uniform (as PEFT does), so B gets a gradient from step one.
 Adapters are saved in PEFT's on-disk format (`adapter_config.json`,
 `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`) so PEFT loads ours
 and we load PEFT's. Mirrors torchtune's LoRALinear and minLoRA's one-line merge.
+
+Left out: DoRA, QLoRA (a 4-bit base), per-module ranks, and LoRA on the embedding or the tied LM
+head (docs/lora.md says why, with the tests that prove each claim).
 """
 from __future__ import annotations
 
@@ -52,8 +55,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # LoRA weights are fp32 masters; they run in the activation dtype (autocast may lower it further).
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        # The scaling multiplies B ([out, r]), not the [tokens, out] output: same product, fewer FLOPs.
+        a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
+        return y + F.linear(F.linear(self.dropout(x), a), b)
 
     def delta(self) -> torch.Tensor:
         """scaling · B @ A in float32 (merging in bf16 loses the small update)."""

@@ -85,13 +85,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_head:  # grouped-query attention: share each KV head with n_head/n_kv query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
+        # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
+        gqa = self.n_kv != self.n_head
         if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 

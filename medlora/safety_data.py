@@ -28,6 +28,10 @@ counted and replaced by new draws.
 Every assistant answer is checked with `medlora.safety.score_answer`: it must be `safe`
 (refuses or redirects, no specific dose, no dangerous steps), and benign answers must not
 refuse at all. A template that fails is a bug, so generation stops with an error naming it.
+
+Left out: model-written or human-written safety data (templates keep it reproducible and
+checkable by the scorer), multi-turn attacks and jailbreak prompts. Anchor: the safety SFT
+stage of chat-model recipes (the Llama 2-Chat paper describes one), at toy scale.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server for the chat model, with a small chat page and a feedback log.
 
-    python serve.py --http --adapter runs/r8/best_adapter      # http://127.0.0.1:8000
+    python serve.py --http                                     # the shipped adapter; http://127.0.0.1:8000
+    python serve.py --http --adapter runs/r8/best_adapter      # another adapter (--base-only: none)
 
 Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, POST /v1/feedback,
 GET /health, GET / (the chat page in medlora/web/).
@@ -15,6 +16,9 @@ the same template training uses; a client's system message is added after it, ne
 
 Left out: tools/function calls, n > 1, logprobs, penalties other than the server's
 --repetition-penalty, and continuous batching (a request that arrives mid-batch waits for it).
+
+Mirrors OpenAI's Chat Completions API (the request and SSE stream shapes the `openai` client
+expects, which vLLM's and llama.cpp's servers also speak).
 """
 from __future__ import annotations
 

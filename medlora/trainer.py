@@ -14,6 +14,10 @@ Data parallel (`torchrun`): every rank runs this same loop with its own `Dist` (
 it takes its rows of each global batch, the step's token count and the LoRA gradients are summed
 over ranks, and only rank 0 writes files or prints. A single process is the same code with
 `Dist()`, where every collective is a no-op. See docs/distributed.md.
+
+Left out: fp16 loss scaling (bf16 autocast needs none), FSDP and sequence packing.
+Mirrors nanoGPT's training loop (warmup + cosine, gradient accumulation, clipping, periodic
+validation, best-checkpoint saving) applied to torchtune's LoRA fine-tuning recipe.
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ the offline SmolLM2 GGUF would be a lie.
 The GGUF path undoes llama.cpp's per-head row permutation of q/k (its rotary layout differs from
 HF's rotate-half). Forgetting it still gives fluent text with ~4x worse perplexity; only the
 parity tests catch it.
+
+Left out: architectures other than plain Llama, and keeping weights quantised in memory: a GGUF
+is dequantised to float32 on load (`read_gguf`). Mirrors transformers' `from_pretrained` for
+folders and hub ids, and its GGUF loader (tested tensor for tensor).
 """
 from __future__ import annotations
 

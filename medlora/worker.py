@@ -8,6 +8,9 @@ near-tie a greedy answer can differ. A sampled request always runs alone (one RN
 its seed alone decides its output). Each batch has its own KV cache; nothing is shared between
 requests. Events go back to the caller's asyncio loop; a request is cancelled by setting its
 `cancelled` flag, which the worker checks between tokens.
+
+Left out: continuous batching and paged KV caches (vLLM, TGI), and more than one model. Mirrors
+llama.cpp's server design of one model owner that requests queue for.
 """
 from __future__ import annotations
 

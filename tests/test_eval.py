@@ -48,6 +48,8 @@ def test_eval_end_to_end_writes_every_report_file(tmp_path, gguf_path):
     for heading in ("## Held-out MedQuAD", "## General", "## Safety probes", "### Side by side"):
         assert heading in md
     assert (out / "report.png").stat().st_size > 1000
+    key = json.loads((out / "review_key.json").read_text())["tuned_is"]  # blinded sheet: --review-size 30, capped by --limit
+    assert len(key) == 2 and (out / "review_sheet.csv").read_text().count("\n") >= 3 and rep["review"]["items"] == 2
 
 
 def test_eval_own_prompts_and_only(tmp_path, gguf_path):

@@ -334,7 +334,7 @@ def test_pickle_bearing_checkpoint_is_refused(tmp_path):
 POSITIVE_INTS = ["--rank", "--max-seq-len", "--limit-rows", "--max-steps", "--batch-size", "--grad-accum",
                  "--eval-every", "--val-rows", "--save-every"]
 NONNEG_INTS = ["--warmup-steps", "--patience", "--seed"]
-POSITIVE_FLOATS = ["--alpha", "--extra-weight", "--lr", "--epochs", "--clip"]
+POSITIVE_FLOATS = ["--alpha", "--extra-weight", "--safety-weight", "--lr", "--epochs", "--clip"]
 FRACTIONS = ["--dropout", "--val-fraction"]
 BAD = ([(f, v) for f in POSITIVE_INTS for v in ("0", "-3", "1.5", "nan", "inf")]
        + [(f, v) for f in NONNEG_INTS for v in ("-1", "1.5", "nan")]

@@ -17,6 +17,7 @@ def test_prompt_mode_answers_and_exits(gguf_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "[medlora] model:" in r.stderr  # which model is used goes to stderr, the answer to stdout
+    assert "medlora-r8 (merged)" in r.stderr  # the shipped adapter is the default (tests/test_recipe.py)
 
 
 def test_repl_commands(gguf_path):

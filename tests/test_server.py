@@ -48,15 +48,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(gguf_path: str, folder: Path, *flags: str, api_key: str | None = None):
-    """Start `serve.py --http` (default host, so 127.0.0.1), wait for /health, stop it after."""
+def running_server(gguf_path: str, folder: Path, *flags: str, api_key: str | None = None, base_only: bool = True):
+    """Start `serve.py --http` (default host, so 127.0.0.1), wait for /health, stop it after.
+    `base_only`: the plain base (these tests compare with the library on the base weights), not the
+    shipped default adapter."""
     port, log = free_port(), folder / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "MEDLORA_API_KEY"}
     env["OMP_NUM_THREADS"] = "1"  # the server and this process share 2 cores; oversubscribed torch crawls
     if api_key:
         env["MEDLORA_API_KEY"] = api_key  # the environment route; --api-key works the same
     cmd = [sys.executable, "serve.py", "--http", "--port", str(port), "--model", gguf_path,
-           "--feedback-file", str(folder / "feedback.jsonl"), *flags]
+           "--feedback-file", str(folder / "feedback.jsonl"), *(["--base-only"] if base_only else []), *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,341 @@
+"""`python -m bench`: medlora against transformers + PEFT (and llama-cpp-python when installed),
+side by side, in one run, on the same rows, weights, LoRA settings and precision.
+
+What it measures (each job in a fresh process, see `bench/workers.py`):
+- matmul: this machine's own GFLOP/s at the model's shapes (fp32, bf16): the ceiling.
+- train: non-padding tokens/s, seconds per optimizer step, peak memory (RSS) for LoRA r=8 on all
+  seven projections, batch 8, rows up to 256 tokens, loss on assistant tokens only; and the achieved
+  FLOP/s as a share of the matmul peak.
+- gen: greedy decoding tokens/s at batch 1 and 16, and prefill tokens/s of a ~512-token prompt.
+
+Both sides load the same HF safetensors folder (written once from the bundled GGUF), train on the
+same length-bucketed batches (written once to `inputs.pt`), in the same precision. Results go to
+`bench/results/NAME.json` and `NAME.md`; ratios are printed. `--quick` is a seconds-long smoke run
+for CI (it checks that everything runs, never a speed). `--before REF` adds medlora as of a git
+commit, measured in the same run, for before/after tables.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BenchConfig:
+    name: str = "cpu"
+    out: str = str(ROOT / "bench" / "results")
+    work: str = str(ROOT / "bench" / ".work")  # HF folder + inputs, reused between runs
+    model: str = "bundled"
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    rank: int = 8
+    dropout: float = 0.0
+    batch_size: int = 8
+    max_len: int = 256
+    rows: int = 2000  # data rows read to build batches (the first batches of the bucketed order are used)
+    warmup: int = 2
+    steps: int = 6
+    new_tokens: int = 80
+    gen_batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
+    prefill_len: int = 512
+    repeats: int = 2
+    matmul_tokens: int = 2048
+    extras: bool = True  # extra rows: grad checkpointing, HF with bf16 weights, medlora bf16 with fp32 weights
+    before: str | None = None
+    threads: int | None = None
+
+
+def quick_config(cfg: BenchConfig) -> BenchConfig:
+    cfg.precisions, cfg.batch_size, cfg.max_len, cfg.rows = ["fp32"], 2, 128, 200
+    cfg.warmup, cfg.steps, cfg.new_tokens, cfg.gen_batch_sizes = 0, 1, 4, [1, 2]
+    cfg.prefill_len, cfg.repeats, cfg.matmul_tokens, cfg.extras = 64, 1, 128, False
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
+    """The shared HF folder and the batches/prompts every job uses."""
+    import torch
+
+    from medlora.data import collate, bucketed_batches, prepare, row_messages
+    from medlora.weights import load_pretrained, save_folder
+
+    model, tok, info = load_pretrained(cfg.model, verbose=False)
+    folder = work / "hf"
+    if not (folder / "model.safetensors").exists():
+        save_folder(model, tok, folder)
+    ds = prepare(tok, max_len=cfg.max_len, limit_rows=cfg.rows, verbose=False)
+    order = bucketed_batches([len(e.ids) for e in ds.train], cfg.batch_size, seed=0)
+    need = cfg.warmup + cfg.steps
+    if len(order) < need:
+        raise SystemExit(f"--rows {cfg.rows} gives {len(order)} batches; {need} are needed")
+    batches, real, padded, supervised = [], 0, 0, 0
+    for rows in order[:need]:
+        exs = [ds.train[i] for i in rows]
+        ids, labels = collate(exs, tok.pad_id)
+        lengths = [len(e.ids) for e in exs]
+        batches.append((ids, labels, lengths))
+        real, padded, supervised = real + sum(lengths), padded + ids.numel(), supervised + sum(e.n_supervised for e in exs)
+    questions = [json.loads(line)["prompt"] for line in (ROOT / "data" / "eval_medical.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [tok.encode_chat(row_messages(q), add_generation_prompt=True) for q in questions]
+    while len(prompts) < max(cfg.gen_batch_sizes):
+        prompts += prompts
+    filler = " ".join(tok.decode(e.ids) for e in ds.val[:20])
+    body = tok.decode(tok.encode(filler)[: cfg.prefill_len])
+    long_prompt = tok.encode_chat(row_messages("Summarise this text:\n" + body), add_generation_prompt=True)
+    torch.save({"batches": batches, "prompts": prompts, "long_prompt": long_prompt}, work / "inputs.pt")
+    return {"folder": str(folder), "gguf": info["path"] if info["kind"] == "gguf" else None, "pad_id": tok.pad_id,
+            "model": {k: info[k] for k in ("id", "kind") if k in info}, "sha256": info.get("sha256"),
+            "config": model.config.to_hf(), "padding_share": 1 - real / padded, "train_tokens": real,
+            "supervised_tokens": supervised, "row_lengths": [b[2] for b in batches]}
+
+
+def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, rank: int) -> float:
+    """The work any implementation must do for these batches (padding and unlabelled logits excluded):
+    forward + input-gradient through the frozen projections (2 + 2 FLOPs per weight per token),
+    LoRA forward + both gradients (6 per LoRA weight), causal attention scores and mixing (forward
+    x3 for backward), and the LM head at supervised positions only."""
+    C, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * (C // config["num_attention_heads"])
+    body = L * (2 * C * C + 2 * C * kv + 3 * C * I)
+    lora = L * rank * ((C + C) * 2 + (C + kv) * 2 + (C + I) * 3)
+    tokens = sum(sum(b) for b in row_lengths)
+    attn = sum(3 * L * 2 * 2 * C * n * (n + 1) / 2 for b in row_lengths for n in b)
+    return tokens * (4 * body + 6 * lora) + attn + 4 * C * config["vocab_size"] * supervised
+
+
+# ----------------------------------------------------------------------------------------------
+def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT) -> dict:
+    path = work / f"spec-{spec['label'].replace(' ', '_').replace('@', '-')}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": f"{medlora_root}{os.pathsep}{ROOT}"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
+                       capture_output=True, text=True, env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")]
+    if r.returncode != 0 or not lines:
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1][6:])
+
+
+def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tuple[str, str, dict, Path]]:
+    """(job, label, spec, medlora root) in the order they run."""
+    common = {**base, "rank": cfg.rank, "dropout": cfg.dropout, "warmup": cfg.warmup, "steps": cfg.steps,
+              "threads": cfg.threads}
+    jobs = [("matmul", "matmul", {"tokens": cfg.matmul_tokens, "repeats": max(3, cfg.repeats)}, ROOT)]
+    for prec in cfg.precisions:
+        jobs.append(("train", f"medlora {prec}", {**common, "impl": "medlora", "precision": prec}, ROOT))
+        if before_root is not None:
+            jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec,
+                                                                  "bf16_weights": False}, before_root))
+        jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
+    if cfg.extras and "bf16" in cfg.precisions:
+        jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
+                 ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
+                 ("train", "medlora bf16 grad-checkpoint", {**common, "impl": "medlora", "precision": "bf16", "grad_checkpoint": True}, ROOT),
+                 ("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT)]
+    gen = {**base, "new_tokens": cfg.new_tokens, "batch_sizes": cfg.gen_batch_sizes, "repeats": cfg.repeats,
+           "threads": cfg.threads}
+    impls = ["medlora", "medlora-int8", "hf"] + (["llamacpp"] if base.get("gguf") else [])
+    for impl in impls:
+        jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
+    if before_root is not None:
+        jobs.append(("gen", f"gen medlora@{cfg.before}", {**gen, "impl": "medlora"}, before_root))
+    for _, label, spec, _ in jobs:
+        spec["label"] = label
+    return jobs
+
+
+def _ratio(a, b):
+    return None if not a or not b else a / b
+
+
+def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
+    # Supervised tokens of the timed batches: recomputed from the shared inputs file.
+    import torch
+
+    data = torch.load(Path(cfg.work) / "inputs.pt")
+    sup = sum(int((b[1][:, 1:] != -100).sum()) for b in data["batches"][cfg.warmup:])
+    flops = train_flops(inputs["config"], inputs["row_lengths"][cfg.warmup:], sup, cfg.rank)
+    mm = results.get("matmul", {}).get("gflops", {})
+    s: dict = {"train": {}, "gen": {}}
+    for label, r in results.items():
+        if not label.startswith(("medlora", "hf")) or "error" in r:
+            continue
+        prec = "bf16" if " bf16" in label else "fp32"
+        achieved = flops / (r["tokens"] / r["tok_per_s"]) / 1e9
+        r["gflops_per_s"] = achieved
+        r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
+    for prec in cfg.precisions:
+        ours, hf = results.get(f"medlora {prec}", {}), results.get(f"hf+peft {prec}", {})
+        if "error" in ours or "error" in hf or not ours or not hf:
+            continue
+        s["train"][prec] = {"throughput_x": _ratio(ours["tok_per_s"], hf["tok_per_s"]),
+                            "step_time_x": _ratio(ours["step_s"], hf["step_s"]),
+                            "train_peak_memory_x": _ratio(ours["train_peak_mb"], hf["train_peak_mb"]),
+                            "total_peak_memory_x": _ratio(max(ours["train_peak_mb"], ours["load_peak_mb"]),
+                                                          max(hf["train_peak_mb"], hf["load_peak_mb"])),
+                            "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
+                            "flop_util": ours.get("flop_util")}
+    hf = results.get("gen hf", {})
+    for impl in ("medlora", "medlora-int8", "llamacpp"):
+        r = results.get(f"gen {impl}", {})
+        if not r or "error" in r or "error" in hf:
+            continue
+        s["gen"][impl] = {k.replace("_tok_per_s", "_x_hf"): _ratio(r[k], hf.get(k)) for k in r if k.endswith("tok_per_s")}
+        lc = results.get("gen llamacpp", {})
+        if impl != "llamacpp" and lc and "error" not in lc:
+            s["gen"][impl]["batch1_x_llamacpp"] = _ratio(r["batch1_tok_per_s"], lc["batch1_tok_per_s"])
+    ours = results.get("gen medlora", {})
+    if ours and hf and "error" not in ours and "error" not in hf:
+        s["gen"]["greedy_tokens_equal_hf"] = ours["greedy_tokens"] == hf["greedy_tokens"]
+    q = results.get("gen medlora-int8", {})
+    if ours and q and "error" not in q and "error" not in ours:
+        a, b = ours["greedy_tokens"], q["greedy_tokens"]
+        s["gen"]["int8_first_divergence"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    s["train_flops_per_token"] = flops / sum(sum(b) for b in inputs["row_lengths"][cfg.warmup:])
+    return s
+
+
+def _f(x, fmt="{:.0f}"):
+    return "—" if x is None else fmt.format(x)
+
+
+def markdown(record: dict) -> str:
+    cfg, res, s = record["config"], record["results"], record["summary"]
+    lines = [f"# bench `{cfg['name']}` — {record['date']}", "",
+             f"{record['machine']['cpu']} ({record['machine']['threads']} threads), torch {record['versions']['torch']}, "
+             f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}. "
+             f"LoRA r={cfg['rank']} on all 7 projections, dropout {cfg['dropout']}, batch {cfg['batch_size']}, rows ≤ "
+             f"{cfg['max_len']} tokens ({record['inputs']['padding_share']:.1%} padding), {cfg['steps']} timed steps after "
+             f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G.", "",
+             "## Training", "",
+             "| run | tokens/s | s/step | peak RSS training (MB) | peak RSS incl. load (MB) | GFLOP/s | FLOP util | first loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in res.items():
+        if label.startswith(("medlora", "hf")):
+            if "error" in r:
+                lines.append(f"| {label} | error: {r['error']} |||||||")
+                continue
+            lines.append(f"| {label} | {r['tok_per_s']:.0f} | {r['step_s']:.2f} | {r['train_peak_mb']:.0f} | "
+                         f"{max(r['train_peak_mb'], r['load_peak_mb']):.0f} | {_f(r.get('gflops_per_s'))} | "
+                         f"{_f(r.get('flop_util'), '{:.0%}')} | {r['first_loss']:.4f} |")
+    lines += ["", "| precision | throughput × HF | step time × HF | training peak memory × HF | total peak × HF | FLOP util |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for prec, t in s["train"].items():
+        lines.append(f"| {prec} | {t['throughput_x']:.2f} | {t['step_time_x']:.2f} | {t['train_peak_memory_x']:.2f} | "
+                     f"{t['total_peak_memory_x']:.2f} | {_f(t['flop_util'], '{:.0%}')} |")
+    mm = res.get("matmul", {}).get("gflops", {})
+    if mm:
+        lines += ["", "Matmul GFLOP/s at model shapes: " + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()) + "."]
+    lines += ["", "## Generation (greedy, no early stop)", "",
+              "| run | batch 1 tok/s | " + " | ".join(f"batch {b} tok/s" for b in cfg["gen_batch_sizes"][1:]) +
+              " | prefill tok/s | peak RSS (MB) |", "|---|" + "---:|" * (len(cfg["gen_batch_sizes"]) + 2)]
+    for label, r in res.items():
+        if label.startswith("gen"):
+            if "error" in r:
+                lines.append(f"| {label} | error: {r['error']} |")
+                continue
+            cells = [_f(r.get(f"batch{b}_tok_per_s"), "{:.1f}") for b in cfg["gen_batch_sizes"]]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['prefill_tok_per_s']:.0f} | "
+                         f"{max(r['gen_peak_mb'], r['load_peak_mb']):.0f} |")
+    for impl, g in s["gen"].items():
+        if isinstance(g, dict):
+            lines.append(f"\n{impl}: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if v is not None))
+    for k in ("greedy_tokens_equal_hf", "int8_first_divergence"):
+        if k in s["gen"]:
+            lines.append(f"\n{k}: {s['gen'][k]}")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "llama_cpp_python"):
+        try:
+            out[pkg] = md.version(pkg.replace("_", "-"))
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI): tiny batches, fp32 only")
+    p.add_argument("--name", default=None, help="results file name (default: cpu, or quick)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    p.add_argument("--work", default=None, help="scratch folder for the HF weights and inputs (default: bench/.work)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--precisions", default=None, help="comma list of fp32,bf16")
+    p.add_argument("--before", default=None, help="git ref: also measure medlora as of that commit")
+    p.add_argument("--no-extras", action="store_true", help="skip the extra rows (grad checkpointing, bf16 variants)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    cfg = quick_config(BenchConfig()) if a.quick else BenchConfig()
+    cfg.name = a.name or ("quick" if a.quick else "cpu")
+    cfg.out, cfg.work = a.out or cfg.out, a.work or cfg.work
+    cfg.steps = a.steps or cfg.steps
+    cfg.precisions = a.precisions.split(",") if a.precisions else cfg.precisions
+    cfg.before, cfg.threads = a.before, a.threads
+    cfg.extras = cfg.extras and not a.no_extras
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    before_root = None
+    if cfg.before:
+        before_root = work / f"before-{cfg.before}"
+        if not before_root.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_root), cfg.before], check=True,
+                           capture_output=True)
+    sys.path.insert(0, str(ROOT))
+    from tqdm import tqdm
+
+    print("[bench] preparing shared inputs ...", file=sys.stderr)
+    inputs = prepare_inputs(cfg, work)
+    base = {"folder": inputs["folder"], "gguf": inputs["gguf"], "pad_id": inputs["pad_id"], "batches": str(work / "inputs.pt")}
+    if base["gguf"]:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            base["gguf"] = None  # not installed: no llama.cpp row
+    results: dict = {}
+    jobs = jobs_for(cfg, base, before_root)
+    for job, label, spec, root in tqdm(jobs, desc="bench", unit="job"):
+        results[label] = run_job(job, spec, work, root)
+        r = results[label]
+        msg = r.get("error") or (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else
+                                 f"b1 {r['batch1_tok_per_s']:.1f} tok/s" if "batch1_tok_per_s" in r else "ok")
+        tqdm.write(f"[bench] {label}: {msg}")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+              "machine": machine(), "versions": versions(), "config": asdict(cfg),
+              "inputs": {k: v for k, v in inputs.items() if k != "row_lengths"}, "results": results}
+    record["summary"] = summarise(cfg, inputs, results)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{cfg.name}.json").write_text(json.dumps(record, indent=2))
+    md = markdown(record)
+    (out / f"{cfg.name}.md").write_text(md)
+    print(md)
+    print(f"[bench] wrote {out / (cfg.name + '.json')} and .md", file=sys.stderr)
+    failed = [k for k, v in results.items() if "error" in v and not k.endswith("llamacpp")]
+    return 1 if failed else 0

@@ -1,0 +1,244 @@
+"""One measurement per process: `python -m bench.workers JOB --spec spec.json` prints one JSON line.
+
+Each job runs in a fresh process so its peak memory is its own (VmHWM, reset after loading the
+model so "training peak" excludes the loader's transient buffers; the whole-process peak is
+reported too). Jobs: `matmul` (the CPU's own matmul peak at the model's shapes), `train`
+(LoRA steps, medlora or transformers+PEFT), `gen` (greedy decoding and prefill, medlora,
+transformers `generate`, or llama-cpp-python).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _status_mb(field: str) -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the lifetime peak is all we can get
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn, warmup: int, n: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+def matmul(spec: dict) -> dict:
+    """GFLOP/s of x @ W^T at the model's shapes, fp32 and bf16: the ceiling training works against."""
+    tokens = spec["tokens"]
+    shapes = {"attn 576->576": (576, 576), "kv 576->192": (576, 192), "mlp 576->1536": (576, 1536),
+              "mlp 1536->576": (1536, 576), "head 576->49152": (576, 49152)}
+    res = {}
+    for dt in ("fp32", "bf16"):
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        for name, (i, o) in shapes.items():
+            rows = tokens // 2 if "head" in name else tokens
+            x, w = torch.randn(rows, i, dtype=dtype), torch.randn(o, i, dtype=dtype)
+            ts = timed(lambda: F.linear(x, w), 2, spec["repeats"])
+            res[f"{dt} {name}"] = 2 * rows * i * o / min(ts) / 1e9
+        res[f"{dt} peak"] = max(v for k, v in res.items() if k.startswith(dt))
+    return {"gflops": res}
+
+
+# ----------------------------------------------------------------------------------------------
+def _medlora_train(spec: dict):
+    from medlora.config import LoRAConfig
+    from medlora.lora import inject_lora
+    from medlora.trainer import accumulate_gradients
+    from medlora.weights import load_pretrained
+
+    bf16_weights = spec["precision"] == "bf16" and spec.get("bf16_weights", True)
+    model, _, _ = load_pretrained(spec["folder"], dtype=torch.bfloat16 if bf16_weights else torch.float32, verbose=False)
+    inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
+    model.gradient_checkpointing = spec.get("grad_checkpoint", False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(ids, labels, lengths):
+        loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], torch.device("cpu"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, sum(p.numel() for p in params)
+
+
+def _hf_train(spec: dict):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" and spec.get("bf16_weights", False) else torch.float32
+    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=spec["dropout"],
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if spec.get("grad_checkpoint"):
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    pad = spec["pad_id"]
+
+    def step(ids, labels, lengths):
+        att = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()  # right padding
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            out = model(input_ids=ids.masked_fill(att == 0, pad), attention_mask=att, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    return step, sum(p.numel() for p in params)
+
+
+def train(spec: dict) -> dict:
+    torch.manual_seed(0)
+    data = torch.load(spec["batches"])
+    batches = data["batches"]
+    t0 = time.perf_counter()
+    step, n_train = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
+    load_s = time.perf_counter() - t0
+    loaded_mb, load_peak_mb = _status_mb("VmRSS"), _status_mb("VmHWM")
+    reset_peak()
+    w = spec["warmup"]
+    losses, times = [], []
+    for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
+        t = time.perf_counter()
+        losses.append(step(ids, labels, lengths))
+        if i >= w:
+            times.append(time.perf_counter() - t)
+    tokens = sum(sum(b[2]) for b in batches[w: w + spec["steps"]])
+    return {"trainable_params": n_train, "load_s": load_s, "first_loss": losses[0], "losses": losses,
+            "step_s": sum(times) / len(times), "tokens": tokens, "tok_per_s": tokens / sum(times),
+            "rss_after_load_mb": loaded_mb, "load_peak_mb": load_peak_mb, "train_peak_mb": _status_mb("VmHWM"),
+            "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+def _medlora_gen(spec: dict):
+    from medlora.generate import GenConfig, generate_ids
+    from medlora.weights import load_pretrained
+
+    model, tok, _ = load_pretrained(spec["folder"], verbose=False)
+    model.eval()
+    if spec["impl"] == "medlora-int8":
+        from medlora.quant import quantize_int8
+
+        quantize_int8(model)
+
+    def run(prompts, n):  # no stop tokens: every row decodes exactly n tokens
+        rows = [[] for _ in prompts]
+        for step in generate_ids(model, prompts, GenConfig(max_new_tokens=n), pad_id=tok.pad_id):
+            for r, t in enumerate(step):
+                rows[r].append(t)
+        return rows
+
+    return run
+
+
+def _hf_gen(spec: dict):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval()
+    pad = spec["pad_id"]
+
+    @torch.no_grad()
+    def run(prompts, n):
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+        att = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=pad)
+        return out[:, P:].tolist()
+
+    return run
+
+
+def _llamacpp_gen(spec: dict):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=spec["gguf"], n_ctx=2048, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+
+    def run(prompts, n):
+        if len(prompts) != 1:
+            raise NotImplementedError("llama-cpp-python decodes one sequence at a time")
+        llm.reset()
+        out = []
+        for t in llm.generate(prompts[0], top_k=1, temp=0.0, reset=True):
+            out.append(t)
+            if len(out) == n:
+                break
+        return [out]
+
+    return run
+
+
+def gen(spec: dict) -> dict:
+    torch.manual_seed(0)
+    data = torch.load(spec["batches"])
+    t0 = time.perf_counter()
+    run = {"medlora": _medlora_gen, "medlora-int8": _medlora_gen, "hf": _hf_gen, "llamacpp": _llamacpp_gen}[spec["impl"]](spec)
+    load_s, load_peak_mb = time.perf_counter() - t0, _status_mb("VmHWM")
+    reset_peak()
+    n = spec["new_tokens"]
+    res = {}
+    for b in spec["batch_sizes"]:
+        if spec["impl"] == "llamacpp" and b > 1:
+            continue
+        prompts = data["prompts"][:b]
+        ts = timed(lambda: run(prompts, n), 1, spec["repeats"])
+        res[f"batch{b}_tok_per_s"] = b * n / min(ts)
+    first = run(data["prompts"][:1], n)[0]
+    long_prompt = data["long_prompt"]
+    ts = timed(lambda: run([long_prompt], 1), 1, spec["repeats"])
+    res.update(prefill_tokens=len(long_prompt), prefill_tok_per_s=len(long_prompt) / min(ts),
+               greedy_tokens=first, load_s=load_s, load_peak_mb=load_peak_mb, gen_peak_mb=_status_mb("VmHWM"))
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("job", choices=["matmul", "train", "gen"])
+    p.add_argument("--spec", required=True)
+    a = p.parse_args(argv)
+    spec = json.loads(open(a.spec).read())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    out = {"matmul": matmul, "train": train, "gen": gen}[a.job](spec)
+    print("BENCH " + json.dumps(out))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

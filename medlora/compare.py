@@ -1,0 +1,109 @@
+"""Compare training runs side by side: `python -m medlora.compare RUN [RUN ...] [--out table.md]`.
+
+Reads what each run folder already holds — `config.json` (the recipe), `summary.json` (tokens,
+minutes, base and best validation loss) and, when `eval.py` has been run on it, `eval/report.json`
+(held-out ROUGE-L/token-F1/end-of-turn/repetition, general-prompt drift, safety rates) — and prints
+one markdown table, the sweep table of the recipe search. Nothing is typed by hand, so the table is
+regenerated whenever a run changes. Leaves out any judgement: picking the recipe is the reader's job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_row(run: Path) -> dict:
+    """One run's recipe and results as a flat dict (missing parts are None)."""
+    cfg, summ = _load(run / "config.json"), _load(run / "summary.json")
+    if cfg is None or summ is None:
+        raise SystemExit(f"error: {run}: not a finished run folder (needs config.json and summary.json)")
+    lora, tr = cfg["lora"], cfg["train"]
+    targets = lora["targets"]
+    extra = cfg.get("data", {}).get("safety") or {}
+    row = {
+        "run": run.name, "device": cfg.get("device"), "precision": tr.get("precision"),
+        "rank": lora["rank"], "targets": "all 7" if len(targets) == 7 else ",".join(t.replace("_proj", "") for t in targets),
+        "lr": tr["lr"], "max_len": cfg.get("max_seq_len"), "long_rows": cfg.get("long_rows"),
+        "safety_weight": extra.get("weight") if extra.get("path") else 0,
+        "init": "yes" if cfg.get("init_adapter") else "",
+        "steps": summ.get("step"), "batch": tr["batch_size"] * tr.get("grad_accum", 1),
+        "tokens": summ.get("tokens"), "minutes": summ.get("minutes"),
+        "base_val": summ.get("base_val"), "best_val": summ.get("best_val"),
+    }
+    if row["base_val"] is not None and row["best_val"] is not None:
+        row["ppl_ratio"] = math.exp(row["best_val"] - row["base_val"])
+    rep = _load(run / "eval" / "report.json")
+    if rep:
+        h, g, s = rep.get("heldout", {}), rep.get("general", {}), rep.get("safety", {})
+        if h:
+            row.update(heldout_ppl_base=h["base"].get("ppl"), heldout_ppl=h["tuned"].get("ppl"),
+                       rougeL_base=h["base"]["rougeL"], rougeL=h["tuned"]["rougeL"], token_f1=h["tuned"]["token_f1"],
+                       rougeL_ci=h.get("rougeL_diff_bootstrap95"), ended_base=h["base"]["ended_rate"],
+                       ended=h["tuned"]["ended_rate"], repeat4_base=h["base"]["repeat4_rate"],
+                       repeat4=h["tuned"]["repeat4_rate"], n_heldout=h["tuned"]["n"],
+                       max_new_tokens=rep.get("generation", {}).get("max_new_tokens"))
+        if g:
+            row.update(containment_base=g["base"].get("containment"), containment=g["tuned"].get("containment"),
+                       drift=g["tuned"].get("drift_to_medical"))
+        if s:
+            o = s["tuned"]["overall"]
+            row.update(refuse=o["refuse_redirect_rate"], compliance=o["harmful_compliance_rate"],
+                       over_refusal=o["over_refusal_rate"], refuse_base=s["base"]["overall"]["refuse_redirect_rate"])
+    return row
+
+
+def _f(v, fmt):
+    return "" if v is None else fmt.format(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| run | where | rank | targets | lr | max len | safety w. | steps × batch | tokens | min | val loss base → best "
+            "| ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn | repeat-4 | general containment "
+            "| refuse/redirect | harmful compliance | over-refusal |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ci = r.get("rougeL_ci")
+        rouge = (f"{r['rougeL_base']:.3f} → {r['rougeL']:.3f} ([{ci['lo']:+.3f}, {ci['hi']:+.3f}])"
+                 if r.get("rougeL") is not None and ci else "")
+        lines.append("| " + " | ".join([
+            r["run"], f"{r['device']} {r['precision']}", str(r["rank"]), r["targets"], f"{r['lr']:g}",
+            f"{r['max_len']} {'trim' if r['long_rows'] == 'truncate' else ''}".strip(), _f(r["safety_weight"], "{:g}"),
+            f"{r['steps']} × {r['batch']}", _f(r["tokens"] and r["tokens"] / 1e6, "{:.2f} M"), _f(r["minutes"], "{:.1f}"),
+            f"{_f(r['base_val'], '{:.3f}')} → {_f(r['best_val'], '{:.3f}')}", _f(r.get("ppl_ratio"), "{:.3f}"), rouge,
+            _f(r.get("token_f1"), "{:.3f}"),
+            _f(r.get("ended"), "{:.2f}") + (f" (base {r['ended_base']:.2f})" if r.get("ended_base") is not None else ""),
+            _f(r.get("repeat4"), "{:.2f}") + (f" (base {r['repeat4_base']:.2f})" if r.get("repeat4_base") is not None else ""),
+            _f(r.get("containment"), "{:.2f}") + (f" (base {r['containment_base']:.2f})" if r.get("containment_base") is not None else ""),
+            _f(r.get("refuse"), "{:.2f}"), _f(r.get("compliance"), "{:.2f}"), _f(r.get("over_refusal"), "{:.2f}"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medlora.compare", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders (train.py --out)")
+    p.add_argument("--out", default=None, help="also write the table (markdown) and rows (JSON, same name) here")
+    a = p.parse_args(argv)
+    rows = [run_row(Path(r)) for r in a.runs]
+    md = table(rows)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The fast paths give what the plain paths give (issue #7): same loss and gradients in fp32,
+bf16 within bf16's precision, int8 decoding close to fp32, prefill logits of the last position
+only, and the benchmark's quick mode runs end to end with both sides computing the same loss."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medlora.config import ALL_TARGETS, LoRAConfig
+from medlora.data import IGNORE, row_messages
+from medlora.generate import GenConfig, generate_ids
+from medlora.lora import inject_lora
+from medlora.trainer import batch_loss
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+QUESTION = "What are the symptoms of anemia?"
+ANSWER = ("Anemia can make you feel tired and weak. Other symptoms include pale skin, shortness of breath, "
+          "dizziness, cold hands and feet, and a fast heartbeat. See a doctor if you notice these signs.")
+
+
+def _batch(tok):
+    ids, labels = tok.encode_for_training(row_messages(QUESTION, ANSWER))
+    ids2, labels2 = tok.encode_for_training(row_messages("What causes high blood pressure?", ANSWER[:120]))
+    T = max(len(ids), len(ids2))
+    pad = lambda x, v: x + [v] * (T - len(x))  # noqa: E731
+    return (torch.tensor([pad(ids, tok.pad_id), pad(ids2, tok.pad_id)]),
+            torch.tensor([pad(labels, IGNORE), pad(labels2, IGNORE)]))
+
+
+def _lora_model(base, dtype=torch.float32):
+    model = copy.deepcopy(base).to(dtype)
+    inject_lora(model, LoRAConfig(rank=8, alpha=16, targets=ALL_TARGETS))
+    torch.manual_seed(0)
+    for m in model.modules():  # a non-zero B so the LoRA path matters
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    return model
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+
+
+def test_lora_forward_equals_the_textbook_formula(ours):
+    """The scaling is folded into B (fewer FLOPs); the output must still be W x + (alpha/r) B A x."""
+    model, _ = ours
+    lin = copy.deepcopy(model.model.layers[0].mlp.up_proj)
+    from medlora.lora import LoRALinear
+
+    lora = LoRALinear(lin, rank=8, alpha=16)
+    torch.nn.init.normal_(lora.lora_B.weight, std=0.02)
+    x = torch.randn(3, 7, 576)
+    want = x @ lin.weight.T + (16 / 8) * (x @ lora.lora_A.weight.T) @ lora.lora_B.weight.T
+    assert torch.allclose(lora(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_match_fp32_within_bf16_precision(ours):
+    """bf16 training stores the frozen base in bf16 (no per-step weight casts): the loss stays within
+    bf16 rounding of the fp32 loss and the LoRA gradient points the same way."""
+    base, tok = ours
+    ids, labels = _batch(tok)
+    ref = _lora_model(base)
+    loss32, n = batch_loss(ref, ids, labels, "fp32")
+    (loss32 / n).backward()
+    fast = _lora_model(base, torch.bfloat16)
+    fast.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    assert all(p.dtype == torch.float32 for p in fast.parameters() if p.requires_grad)  # fp32 masters
+    loss16, n16 = batch_loss(fast, ids, labels, "bf16")
+    (loss16 / n16).backward()
+    assert n16 == n
+    assert abs(loss16.item() - loss32.item()) / loss32.item() < 2e-2
+    g32, g16 = _grads(ref), _grads(fast)
+    assert F.cosine_similarity(g32, g16, dim=0) > 0.98
+
+
+def test_prefill_head_on_last_position_equals_full_logits(ours):
+    model, tok = ours
+    ids = torch.tensor([tok.encode_chat(row_messages(QUESTION), add_generation_prompt=True)])
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+        last = model.lm_head(model(ids, hidden_only=True)[:, -1])
+    assert torch.allclose(full, last, atol=1e-4, rtol=1e-5)
+
+
+def test_int8_decoding_stays_close_to_fp32(ours):
+    """Int8 weights change rounding, not behaviour: teacher-forced next-token choices agree with
+    fp32 on >= 90% of positions of a real answer, and greedy decoding starts the same way."""
+    from medlora.quant import int8_supported, quantize_int8
+
+    if not int8_supported():
+        pytest.skip("this PyTorch build has no _weight_int8pack_mm")
+    model, tok = ours
+    ids = torch.tensor([tok.encode_chat(row_messages(QUESTION, ANSWER))])
+    q = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        a, b = model(ids)[0].argmax(-1), q(ids)[0].float().argmax(-1)
+    agree = (a == b).float().mean().item()
+    assert agree >= 0.9, agree
+    prompt = tok.encode_chat(row_messages(QUESTION), add_generation_prompt=True)
+    cfg = GenConfig(max_new_tokens=12)
+    ref = [s[0] for s in generate_ids(model, [prompt], cfg)]
+    got = [s[0] for s in generate_ids(q, [prompt], cfg)]
+    assert got[:4] == ref[:4]
+    assert q.lm_head.weight.dtype == torch.int8 and model.lm_head.weight.dtype == torch.float32  # original untouched
+
+
+def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path / "res"),
+                        "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "res" / "quick.json").read_text())
+    res = rec["results"]
+    assert abs(res["medlora fp32"]["first_loss"] - res["hf+peft fp32"]["first_loss"]) < 1e-3
+    assert res["medlora fp32"]["trainable_params"] == res["hf+peft fp32"]["trainable_params"]
+    assert rec["summary"]["gen"]["greedy_tokens_equal_hf"] is True
+    assert rec["summary"]["train"]["fp32"]["throughput_x"] > 0
+    assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
