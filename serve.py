@@ -53,6 +53,12 @@ def build(args):
         print(f"[medlora] adapter: {adapter} (merged){note}", file=sys.stderr)
     else:
         print("[medlora] no adapter: the plain base model (--base-only)", file=sys.stderr)
+    if getattr(args, "int8", False):
+        from medlora.quant import quantize_int8
+
+        quantize_int8(model)  # after merging: the adapter is inside the int8 weights
+        print("[medlora] int8 weights (faster CPU decoding; answers may differ slightly from full precision)",
+              file=sys.stderr)
     args.adapter = adapter
     return model, tok, info
 
@@ -146,6 +152,8 @@ def main(argv=None) -> int:
                                                    "(default: the shipped adapters/medlora-r8)")
     p.add_argument("--base-only", action="store_true", help="the plain base model, without the default adapter")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only decoding: ~2x faster on a CPU at batch 1 "
+                                                       "(bench/results), answers may differ slightly")
     add_http_flags(p)
     args = p.parse_args(argv)
     if args.base_only and args.adapter:

@@ -31,3 +31,11 @@ def test_repl_commands(gguf_path):
 def test_bad_flags_fail_before_loading():
     r = run(["--max-new-tokens", "0", "--prompt", "x"])
     assert r.returncode == 2 and "max-new-tokens" in r.stderr
+
+
+def test_int8_prompt_mode(gguf_path):
+    """--int8 quantises after merging the default adapter and still answers (tests/test_fastpath.py
+    checks how close int8 stays to full precision)."""
+    r = run(["--model", gguf_path, "--int8", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"])
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "int8 weights" in r.stderr
