@@ -146,8 +146,6 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     impls = ["medlora", "medlora-int8", "hf"] + (["llamacpp"] if base.get("gguf") else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
-    if before_root is not None:
-        jobs.append(("gen", f"gen medlora@{cfg.before}", {**gen, "impl": "medlora"}, before_root))
     for _, label, spec, _ in jobs:
         spec["label"] = label
     return jobs

@@ -5,6 +5,7 @@ minutes, base and best validation loss) and, when `eval.py` has been run on it, 
 (held-out ROUGE-L/token-F1/end-of-turn/repetition, general-prompt drift, safety rates) — and prints
 one markdown table, the sweep table of the recipe search. Nothing is typed by hand, so the table is
 regenerated whenever a run changes. Leaves out any judgement: picking the recipe is the reader's job.
+Mirrors the run-comparison tables of litgpt/nanoGPT experiment logs, generated rather than kept by hand.
 """
 from __future__ import annotations
 

