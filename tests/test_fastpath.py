@@ -121,3 +121,39 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert rec["summary"]["gen"]["greedy_tokens_equal_hf"] is True
     assert rec["summary"]["train"]["fp32"]["throughput_x"] > 0
     assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
+
+
+def test_readme_performance_numbers_come_from_the_bench_results():
+    """The README's Performance table is typed from bench/results/cpu.json: check each row against it."""
+    rec = json.loads((ROOT / "bench" / "results" / "cpu.json").read_text())
+    r, s = rec["results"], rec["summary"]
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Performance"):text.index("## Layout and reading order")]
+    t, g = s["train"], s["gen"]
+    gb = lambda name, k: r[name][k]  # noqa: E731
+    rows = [
+        f"| training fp32, tokens/s | {r['medlora fp32']['tok_per_s']:.0f} | {r['hf+peft fp32']['tok_per_s']:.0f} | "
+        f"{t['fp32']['throughput_x']:.2f}× |",
+        f"| training bf16 autocast, tokens/s | {r['medlora bf16']['tok_per_s']:.0f} | {r['hf+peft bf16']['tok_per_s']:.0f} "
+        f"({r['hf+peft bf16 bf16-weights']['tok_per_s']:.0f} with bf16 weights) | {t['bf16']['throughput_x']:.2f}× "
+        f"({r['medlora bf16']['tok_per_s'] / r['hf+peft bf16 bf16-weights']['tok_per_s']:.2f}×) |",
+        f"| training bf16, peak memory | {r['medlora bf16']['train_peak_mb'] / 1000:.1f} GB | "
+        f"{r['hf+peft bf16']['train_peak_mb'] / 1000:.1f} GB ({r['hf+peft bf16 bf16-weights']['train_peak_mb'] / 1000:.1f} GB) | "
+        f"{t['bf16']['train_peak_memory_x']:.2f}× "
+        f"({r['medlora bf16']['train_peak_mb'] / r['hf+peft bf16 bf16-weights']['train_peak_mb']:.2f}×) |",
+        f"| training bf16 + `--grad-checkpoint` | {r['medlora bf16 grad-checkpoint']['tok_per_s']:.0f} tok/s, "
+        f"{r['medlora bf16 grad-checkpoint']['train_peak_mb'] / 1000:.1f} GB |",
+        f"| FLOP utilisation fp32 / bf16 | {r['medlora fp32']['flop_util']:.0%} / {r['medlora bf16']['flop_util']:.0%} | "
+        f"{r['hf+peft fp32']['flop_util']:.0%} / {r['hf+peft bf16']['flop_util']:.0%} |",
+        f"| greedy decoding, batch 1, tokens/s | {gb('gen medlora', 'batch1_tok_per_s'):.1f} "
+        f"({gb('gen medlora-int8', 'batch1_tok_per_s'):.1f} with `--int8`) | {gb('gen hf', 'batch1_tok_per_s'):.1f} | "
+        f"{g['medlora']['batch1_x_hf']:.2f}× ({g['medlora-int8']['batch1_x_hf']:.2f}×) |",
+        f"| greedy decoding, batch 16, tokens/s | {gb('gen medlora', 'batch16_tok_per_s'):.1f} | "
+        f"{gb('gen hf', 'batch16_tok_per_s'):.1f} | {g['medlora']['batch16_x_hf']:.2f}× |",
+        f"| prefill, 512-token prompt, tokens/s | {gb('gen medlora', 'prefill_tok_per_s'):.0f} | "
+        f"{gb('gen hf', 'prefill_tok_per_s'):.0f} | {g['medlora']['prefill_x_hf']:.2f}× |",
+        f"{r['medlora bf16 fp32-weights']['tok_per_s']:.0f} → {r['medlora bf16']['tok_per_s']:.0f} tok/s",
+        f"({r['medlora bf16']['tok_per_s']:.0f} → {r['medlora bf16 dropout 0.05']['tok_per_s']:.0f} tok/s at 0.05)",
+    ]
+    missing = [row for row in rows if row not in " ".join(section.split()) and row not in section]
+    assert not missing, "README Performance differs from bench/results/cpu.json:\n" + "\n".join(missing)
