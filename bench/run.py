@@ -77,13 +77,14 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
     need = cfg.warmup + cfg.steps
     if len(order) < need:
         raise SystemExit(f"--rows {cfg.rows} gives {len(order)} batches; {need} are needed")
-    batches, real, padded, supervised = [], 0, 0, 0
+    batches, real, padded, supervised = [], 0, 0, []
     for rows in order[:need]:
         exs = [ds.train[i] for i in rows]
         ids, labels = collate(exs, tok.pad_id)
         lengths = [len(e.ids) for e in exs]
         batches.append((ids, labels, lengths))
-        real, padded, supervised = real + sum(lengths), padded + ids.numel(), supervised + sum(e.n_supervised for e in exs)
+        real, padded = real + sum(lengths), padded + ids.numel()
+        supervised.append(sum(e.n_supervised for e in exs))
     questions = [json.loads(line)["prompt"] for line in (ROOT / "data" / "eval_medical.jsonl").read_text().splitlines() if line.strip()]
     prompts = [tok.encode_chat(row_messages(q), add_generation_prompt=True) for q in questions]
     while len(prompts) < max(cfg.gen_batch_sizes):
@@ -95,7 +96,7 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
     return {"folder": str(folder), "gguf": info["path"] if info["kind"] == "gguf" else None, "pad_id": tok.pad_id,
             "model": {k: info[k] for k in ("id", "kind") if k in info}, "sha256": info.get("sha256"),
             "config": model.config.to_hf(), "padding_share": 1 - real / padded, "train_tokens": real,
-            "supervised_tokens": supervised, "row_lengths": [b[2] for b in batches]}
+            "supervised_per_batch": supervised, "row_lengths": [b[2] for b in batches]}
 
 
 def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, rank: int) -> float:
@@ -156,11 +157,7 @@ def _ratio(a, b):
 
 
 def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
-    # Supervised tokens of the timed batches: recomputed from the shared inputs file.
-    import torch
-
-    data = torch.load(Path(cfg.work) / "inputs.pt")
-    sup = sum(int((b[1][:, 1:] != -100).sum()) for b in data["batches"][cfg.warmup:])
+    sup = sum(inputs["supervised_per_batch"][cfg.warmup:])  # the timed batches only
     flops = train_flops(inputs["config"], inputs["row_lengths"][cfg.warmup:], sup, cfg.rank)
     mm = results.get("matmul", {}).get("gflops", {})
     s: dict = {"train": {}, "gen": {}}
