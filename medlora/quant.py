@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .lora import LoRALinear, merge_lora
-from .model import Llama
+from .model import Llama, RMSNorm
 
 
 class Int8Linear(nn.Module):
@@ -62,7 +62,7 @@ def quantize_int8(model: Llama) -> Llama:
     model.lm_head = Int8Linear(model.lm_head.weight)  # unties: the embedding keeps its own table
     model.model.embed_tokens.to(torch.bfloat16)
     for m in model.modules():
-        if m.__class__.__name__ == "RMSNorm":
+        if isinstance(m, RMSNorm):
             m.to(torch.bfloat16)
     model.quantized = "int8"
     return model
