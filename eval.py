@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     out = Path(args.out or (run_dir / "eval" if run_dir else f"reports/{time.strftime('%Y%m%d-%H%M%S')}"))
     out.mkdir(parents=True, exist_ok=True)
     gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    no_repeat_ngram=args.no_repeat_ngram)
 
     # ---- inputs (the same for both models) ---------------------------------------------------
     inputs: dict[str, dict] = {}

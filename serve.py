@@ -160,7 +160,8 @@ def main(argv=None) -> int:
         p.error("--base-only and --adapter contradict each other")
     try:  # check the settings before the slow model load
         gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                        no_repeat_ngram=args.no_repeat_ngram)
     except ValueError as e:
         p.error(str(e))
     if args.http:

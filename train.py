@@ -1,7 +1,7 @@
 """LoRA fine-tuning of SmolLM on MedQuAD.
 
-    python train.py --rank 8                      # the main job: MedQuAD + data/safety_sft.jsonl
-    python train.py --rank 8 --no-safety-data     # MedQuAD only (--safety-weight W sets the ratio)
+    python train.py --rank 8                      # the main job: MedQuAD + safety examples + general replay
+    python train.py --rank 8 --no-safety-data --no-replay-data   # MedQuAD only
     python train.py --sanity                      # ~200 rows, overfit quickly, pass/fail verdict
     python train.py --rank 8 --out runs/x --resume
     torchrun --nproc-per-node 4 train.py --rank 8     # data parallel: --batch-size is per process
@@ -57,8 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "(default: keivalya/MedQuad-MedicalQnADataset, shipped copy offline)")
     g.add_argument("--question-col", default="Question")
     g.add_argument("--answer-col", default="Answer")
-    g.add_argument("--max-seq-len", type=positive_int, default=1024)
-    g.add_argument("--long-rows", choices=["drop", "truncate"], default="drop", help="what to do with rows over --max-seq-len")
+    g.add_argument("--max-seq-len", type=positive_int, default=320,
+                   help="tokens per training row (default 320: with --long-rows truncate, answers are cut at a "
+                        "sentence end to fit, which teaches answers that end; docs/recipe)")
+    g.add_argument("--long-rows", choices=["drop", "truncate"], default="truncate",
+                   help="what to do with rows over --max-seq-len (default truncate: shorten the answer)")
     g.add_argument("--val-fraction", type=fraction, default=0.1)
     g.add_argument("--limit-rows", type=positive_int, default=None, help="use only this many rows (split first)")
     g.add_argument("--extra-data", action="append", default=[], help="extra chat JSONL ({'messages': [...]}), repeatable")
@@ -66,9 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--safety-data", default=None, metavar="PATH",
                    help="synthetic safety SFT JSONL mixed into training by default (default: data/safety_sft.jsonl, "
                         "made by python -m medlora.safety_data; --sanity leaves it out unless given)")
-    g.add_argument("--safety-weight", type=positive_float, default=1.0,
-                   help="how many times each safety example is used (default 1 = once; 0.5 = a random half)")
+    g.add_argument("--safety-weight", type=positive_float, default=2.0,
+                   help="how many times each safety example is used (default 2 = twice; 0.5 = a random half)")
     g.add_argument("--no-safety-data", action="store_true", help="train without the safety examples")
+    g.add_argument("--replay-data", default=None, metavar="PATH",
+                   help="general-chat replay JSONL mixed in by default against forgetting (default: "
+                        "data/general_replay.jsonl, the base model's own answers, made by python -m medlora.general_data)")
+    g.add_argument("--replay-weight", type=positive_float, default=3.0,
+                   help="how many times each replay example is used (default 3)")
+    g.add_argument("--no-replay-data", action="store_true", help="train without the general replay examples")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=positive_float, default=2e-4)
     g.add_argument("--epochs", type=positive_float, default=1.0)
@@ -100,12 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.val_fraction, args.eval_every, args.patience = 0.0, 10**9, 0
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
-    if args.no_safety_data and args.safety_data:
-        p.error("--no-safety-data and --safety-data contradict each other")
-    args.safety, args.safety_off = resolve_safety(args)
-    if args.safety and not Path(args.safety).is_file():
-        p.error(f"--safety-data {args.safety}: no such file (make it with `python -m medlora.safety_data --out "
-                f"{args.safety}`, or train without it: --no-safety-data)")
+    for kind, maker in (("safety", "medlora.safety_data"), ("replay", "medlora.general_data")):
+        if getattr(args, f"no_{kind}_data") and getattr(args, f"{kind}_data"):
+            p.error(f"--no-{kind}-data and --{kind}-data contradict each other")
+        path, off = resolve_default_source(args, kind)
+        setattr(args, kind, path), setattr(args, f"{kind}_off", off)
+        if path and not Path(path).is_file():
+            p.error(f"--{kind}-data {path}: no such file (make it with `python -m {maker} --out {path}`, or train "
+                    f"without it: --no-{kind}-data)")
     if args.resume and not args.out:
         p.error("--resume needs --out (the run folder to continue)")
     if args.dtype == "float16":
@@ -113,17 +124,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_safety(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(safety file to mix in, or None; why not). The default mix has it; --no-safety-data drops it;
-    --sanity drops the default one (its overfit check is about MedQuAD rows; most safety examples are
-    longer than its 160-token rows anyway); a file already given with --extra-data is not added twice."""
-    from medlora.data import SAFETY_DATA
+def resolve_default_source(args: argparse.Namespace, kind: str) -> tuple[str | None, str | None]:
+    """(file of the default mix's `kind` source to mix in, or None; why not) for kind "safety" or
+    "replay". The default mix has both; --no-KIND-data drops one; --sanity drops the defaults (its
+    overfit check is about MedQuAD rows; most safety examples are longer than its 160-token rows
+    anyway); a file already given with --extra-data is not added twice."""
+    from medlora.data import REPLAY_DATA, SAFETY_DATA
 
-    if args.no_safety_data:
-        return None, "--no-safety-data"
-    if args.sanity and not args.safety_data:
-        return None, "--sanity (overfit check on MedQuAD rows only; pass --safety-data to include it)"
-    path = Path(args.safety_data) if args.safety_data else SAFETY_DATA
+    given = getattr(args, f"{kind}_data")
+    if getattr(args, f"no_{kind}_data"):
+        return None, f"--no-{kind}-data"
+    if args.sanity and not given:
+        return None, f"--sanity (overfit check on MedQuAD rows only; pass --{kind}-data to include it)"
+    path = Path(given) if given else {"safety": SAFETY_DATA, "replay": REPLAY_DATA}[kind]
     if any(Path(x).resolve() == path.resolve() for x in args.extra_data):
         return None, f"{path} is already mixed in by --extra-data (weight {args.extra_weight:g})"
     return str(path), None
@@ -243,7 +256,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     from medlora.data import DataError, prepare
     from medlora.lora import inject_lora, load_adapter, parameter_report
     from medlora.trainer import train
-    from medlora.weights import load_pretrained
+    from medlora.weights import load_pretrained, sha256_file
 
     device, main_rank = dist.device, dist.is_main
     say = print if main_rank else (lambda *a, **k: None)
@@ -277,38 +290,46 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     try:
         ds = prepare(tok, args.data, args.question_col, args.answer_col, args.max_seq_len, args.long_rows,
                      args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight,
-                     verbose=main_rank, safety=args.safety, safety_weight=args.safety_weight)
+                     verbose=main_rank, safety=args.safety, safety_weight=args.safety_weight,
+                     replay=args.replay, replay_weight=args.replay_weight)
     except DataError as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
     if not ds.train:
         say("error: no training examples left after cleaning", file=sys.stderr)
         return 2
-    if args.safety is None:
-        ds.info["safety"] = {"path": None, "off": args.safety_off}
-    safety = ds.info["safety"]
-    say(f"[medlora] safety data: {safety['used']} examples (weight {safety['weight']:g}) from {safety['path']}"
-        if safety["path"] else f"[medlora] safety data: off ({safety['off']})")
+    for kind in ("safety", "replay"):
+        if getattr(args, kind) is None:
+            ds.info[kind] = {"path": None, "off": getattr(args, f"{kind}_off")}
+        src = ds.info[kind]
+        say(f"[medlora] {kind} data: {src['used']} examples (weight {src['weight']:g}) from {src['path']}"
+            if src["path"] else f"[medlora] {kind} data: off ({src['off']})")
 
-    def safety_changed() -> str | None:  # a resumed run must see the same training mix
+    def mix_changed() -> str | None:  # a resumed run must see the same training mix
         rec = run_dir / "config.json"
         if not args.resume or not rec.exists():
             return None
-        was = json.loads(rec.read_text()).get("data", {}).get("safety") or {}
-        if (was.get("sha256"), was.get("weight")) != (safety.get("sha256"), safety.get("weight")):
-            if was.get("path"):
-                return (f"--resume: this run was trained with the safety data {was['path']} (sha256 "
-                        f"{was.get('sha256', '')[:12]}..., weight {was.get('weight')}), not the current mix; resume it "
-                        f"with --safety-data {was['path']} --safety-weight {was.get('weight')}")
-            return "--resume: this run was trained without safety data; resume it with --no-safety-data"
+        for kind in ("safety", "replay"):
+            src = ds.info[kind]
+            was = json.loads(rec.read_text()).get("data", {}).get(kind) or {}
+            if kind == "replay" and not was and not src.get("path"):
+                continue  # a run from before the replay source existed
+            if (was.get("sha256"), was.get("weight")) != (src.get("sha256"), src.get("weight")):
+                if was.get("path"):
+                    return (f"--resume: this run was trained with the {kind} data {was['path']} (sha256 "
+                            f"{was.get('sha256', '')[:12]}..., weight {was.get('weight')}), not the current mix; "
+                            f"resume it with --{kind}-data {was['path']} --{kind}-weight {was.get('weight')}")
+                return f"--resume: this run was trained without {kind} data; resume it with --no-{kind}-data"
         return None
 
-    problem = dist.on_main(safety_changed)
+    problem = dist.on_main(mix_changed)
     if problem:
         say(f"error: {problem}", file=sys.stderr)
         return 2
+    init_sha = None
     if args.init_adapter:
         lora_cfg = load_adapter(model, args.init_adapter, trainable=True)
+        init_sha = sha256_file(Path(args.init_adapter) / "adapter_model.safetensors")  # which weights it started from
     else:
         inject_lora(model, lora_cfg)
     model.to(device)
@@ -330,7 +351,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             "split": {k: v for k, v in split.items() if k != "val_index"} | {"file": "split.json"},
             "lora": asdict(lora_cfg), "train": asdict(tcfg), "max_seq_len": args.max_seq_len,
             "long_rows": args.long_rows,
-            "init_adapter": args.init_adapter, "parameters": report, "git": git_commit(), "versions": versions(),
+            "init_adapter": args.init_adapter, "init_adapter_sha256": init_sha, "parameters": report, "git": git_commit(), "versions": versions(),
             "device": str(device), "sanity": args.sanity,
             "distributed": {"world_size": dist.world_size, "backend": dist.backend,
                             "rows_per_step": tcfg.batch_size * tcfg.grad_accum * dist.world_size},

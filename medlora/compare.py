@@ -31,18 +31,21 @@ def run_row(run: Path) -> dict:
     lora, tr = cfg["lora"], cfg["train"]
     targets = lora["targets"]
     extra = cfg.get("data", {}).get("safety") or {}
+    replay = cfg.get("data", {}).get("replay") or next(  # older runs mixed it in with --extra-data
+        (x for x in cfg.get("data", {}).get("extra", []) if Path(x["path"]).name == "general_replay.jsonl"), {})
     row = {
         "run": run.name, "device": cfg.get("device"), "precision": tr.get("precision"),
         "rank": lora["rank"], "targets": "all 7" if len(targets) == 7 else ",".join(t.replace("_proj", "") for t in targets),
         "lr": tr["lr"], "max_len": cfg.get("max_seq_len"), "long_rows": cfg.get("long_rows"),
         "safety_weight": extra.get("weight") if extra.get("path") else 0,
-        "init": "yes" if cfg.get("init_adapter") else "",
+        "replay_weight": replay.get("weight") if replay.get("path") else 0,
+        "init": Path(cfg["init_adapter"]).parent.name if cfg.get("init_adapter") else "",
         "steps": summ.get("step"), "batch": tr["batch_size"] * tr.get("grad_accum", 1),
         "tokens": summ.get("tokens"), "minutes": summ.get("minutes"),
         "base_val": summ.get("base_val"), "best_val": summ.get("best_val"),
     }
     if row["base_val"] is not None and row["best_val"] is not None:
-        row["ppl_ratio"] = math.exp(row["best_val"] - row["base_val"])
+        row["val_ratio"] = math.exp(row["best_val"] - row["base_val"])
     rep = _load(run / "eval" / "report.json")
     if rep:
         h, g, s = rep.get("heldout", {}), rep.get("general", {}), rep.get("safety", {})
@@ -53,6 +56,8 @@ def run_row(run: Path) -> dict:
                        ended=h["tuned"]["ended_rate"], repeat4_base=h["base"]["repeat4_rate"],
                        repeat4=h["tuned"]["repeat4_rate"], n_heldout=h["tuned"]["n"],
                        max_new_tokens=rep.get("generation", {}).get("max_new_tokens"))
+            if h["base"].get("ppl") and h["tuned"].get("ppl"):
+                row["ppl_ratio"] = h["tuned"]["ppl"] / h["base"]["ppl"]  # vs the plain base model
         if g:
             row.update(containment_base=g["base"].get("containment"), containment=g["tuned"].get("containment"),
                        drift=g["tuned"].get("drift_to_medical"))
@@ -68,8 +73,8 @@ def _f(v, fmt):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | where | rank | targets | lr | max len | safety w. | steps × batch | tokens | min | val loss base → best "
-            "| ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn | repeat-4 | general containment "
+    head = ("| run | from | where | rank | targets | lr | max len | safety w. | replay w. | steps × batch | tokens | min "
+            "| val loss start → best | held-out ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn (in N new tokens) | repeat-4 | general containment "
             "| refuse/redirect | harmful compliance | over-refusal |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -77,12 +82,14 @@ def table(rows: list[dict]) -> str:
         rouge = (f"{r['rougeL_base']:.3f} → {r['rougeL']:.3f} ([{ci['lo']:+.3f}, {ci['hi']:+.3f}])"
                  if r.get("rougeL") is not None and ci else "")
         lines.append("| " + " | ".join([
-            r["run"], f"{r['device']} {r['precision']}", str(r["rank"]), r["targets"], f"{r['lr']:g}",
+            r["run"], r.get("init", ""), f"{r['device']} {r['precision']}", str(r["rank"]), r["targets"], f"{r['lr']:g}",
             f"{r['max_len']} {'trim' if r['long_rows'] == 'truncate' else ''}".strip(), _f(r["safety_weight"], "{:g}"),
+            _f(r.get("replay_weight"), "{:g}"),
             f"{r['steps']} × {r['batch']}", _f(r["tokens"] and r["tokens"] / 1e6, "{:.2f} M"), _f(r["minutes"], "{:.1f}"),
             f"{_f(r['base_val'], '{:.3f}')} → {_f(r['best_val'], '{:.3f}')}", _f(r.get("ppl_ratio"), "{:.3f}"), rouge,
             _f(r.get("token_f1"), "{:.3f}"),
-            _f(r.get("ended"), "{:.2f}") + (f" (base {r['ended_base']:.2f})" if r.get("ended_base") is not None else ""),
+            _f(r.get("ended"), "{:.2f}") + (f" (base {r['ended_base']:.2f})" if r.get("ended_base") is not None else "")
+            + (f" in {r['max_new_tokens']}" if r.get("max_new_tokens") else ""),
             _f(r.get("repeat4"), "{:.2f}") + (f" (base {r['repeat4_base']:.2f})" if r.get("repeat4_base") is not None else ""),
             _f(r.get("containment"), "{:.2f}") + (f" (base {r['containment_base']:.2f})" if r.get("containment_base") is not None else ""),
             _f(r.get("refuse"), "{:.2f}"), _f(r.get("compliance"), "{:.2f}"), _f(r.get("over_refusal"), "{:.2f}"),

@@ -33,6 +33,10 @@ SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "medquad" / "medqu
 # The synthetic "refuse + safe guidance" examples (python -m medlora.safety_data) that train.py mixes
 # into MedQuAD by default (--safety-data / --safety-weight / --no-safety-data).
 SAFETY_DATA = Path(__file__).resolve().parents[1] / "data" / "safety_sft.jsonl"
+# The base model's own answers to everyday prompts (python -m medlora.general_data), mixed in by
+# default so the adapter does not forget general chat (--replay-data / --replay-weight / --no-replay-data).
+REPLAY_DATA = Path(__file__).resolve().parents[1] / "data" / "general_replay.jsonl"
+MAKERS = {"safety": "python -m medlora.safety_data", "replay": "python -m medlora.general_data"}
 
 
 class DataError(ValueError):
@@ -387,16 +391,37 @@ class Dataset:
     info: dict = field(default_factory=dict)
 
 
+def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Example], info: dict, tok: ChatTokenizer,
+            max_len: int, seed: int, verbose: bool) -> list[Example]:
+    """Mix one default source (safety or replay) into `train`; record what was used in info[kind]."""
+    from .weights import sha256_file
+
+    if not Path(path).is_file():
+        raise DataError(f"{kind} data {path}: no such file (make it with `{MAKERS[kind]} --out {path}`, or train "
+                        f"without it: --no-{kind}-data)")
+    ex = load_chat_jsonl(path, tok, max_len, source=kind)
+    before = len(train)
+    train = mix(train, ex, weight, seed)
+    rows = len(_read_table(Path(path)))
+    info[kind] = {"path": str(path), "sha256": sha256_file(path), "rows": rows, "examples": len(ex),
+                  "weight": weight, "used": len(train) - before}
+    if verbose and len(ex) < rows:
+        print(f"[medlora] {kind} data: {rows - len(ex)} of {rows} examples are longer than {max_len} tokens and left "
+              f"out", file=sys.stderr)
+    return train
+
+
 def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Question", answer_col: str = "Answer",
             max_len: int = 1024, long_rows: str = "drop", val_fraction: float = 0.1, seed: int = 0,
             limit_rows: int | None = None, extra: list[str] | None = None, extra_weight: float = 1.0,
             revision: str | None = None, verbose: bool = True, safety: str | os.PathLike | None = None,
-            safety_weight: float = 1.0) -> Dataset:
+            safety_weight: float = 1.0, replay: str | os.PathLike | None = None, replay_weight: float = 1.0) -> Dataset:
     """The whole pipeline; `info` records source, hashes, counts and the split (for the run record).
 
     `extra` files are mixed in `extra_weight` times over; `safety` (the synthetic safety SFT file)
-    is a separate source with its own `safety_weight`, so the two ratios are set independently.
-    Both join the training side only: validation stays pure held-out MedQuAD.
+    and `replay` (the base model's general-chat answers) are separate sources with their own
+    weights, so each ratio is set independently. All join the training side only: validation
+    stays pure held-out MedQuAD.
     """
     raw, info = load_source(data, revision, verbose)
     rows, counts = clean_rows(raw, question_col, answer_col, source=str(data or DEFAULT_DATA))
@@ -413,20 +438,9 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
 
         info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "examples": len(ex),
                                              "weight": extra_weight})
-    if safety is not None:
-        from .weights import sha256_file
-
-        if not Path(safety).is_file():
-            raise DataError(f"safety data {safety}: no such file (make it with `python -m medlora.safety_data "
-                            f"--out {safety}`, or train without it: --no-safety-data)")
-        ex = load_chat_jsonl(safety, tok, max_len, source="safety")
-        before = len(train)
-        train = mix(train, ex, safety_weight, seed)
-        info["safety"] = {"path": str(safety), "sha256": sha256_file(safety), "rows": len(_read_table(Path(safety))),
-                          "examples": len(ex), "weight": safety_weight, "used": len(train) - before}
-        if verbose and len(ex) < info["safety"]["rows"]:
-            print(f"[medlora] safety data: {info['safety']['rows'] - len(ex)} of {info['safety']['rows']} examples are "
-                  f"longer than {max_len} tokens and left out", file=sys.stderr)
+    for kind, path, weight in (("safety", safety, safety_weight), ("replay", replay, replay_weight)):
+        if path is not None:
+            train = _mix_in(kind, path, weight, train, info, tok, max_len, seed, verbose)
     info.update(cleaning=dict(counts), split={"seed": seed, "val_fraction": val_fraction,
                                               "train_rows": len(train_rows), "val_rows": len(val_rows),
                                               "val_index": sorted(r.index for r in val_rows)},

@@ -27,6 +27,7 @@ class GenConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 = off; HF's definition
+    no_repeat_ngram: int = 0  # n > 0: never emit a token that repeats an n-gram of the row (HF's no_repeat_ngram_size)
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
 
@@ -37,17 +38,22 @@ class GenConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+        if self.top_k < 0 or self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
+            raise ValueError("top_k and no_repeat_ngram must be >= 0 and repetition_penalty > 0")
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenConfig,
-                gen: torch.Generator | None) -> torch.Tensor:
-    """Pick the next token per row from float logits [B, V]; `seen` [B, S] holds ids to penalise."""
+                gen: torch.Generator | None, banned: list[list[int]] | None = None) -> torch.Tensor:
+    """Pick the next token per row from float logits [B, V]; `seen` [B, S] holds ids to penalise,
+    `banned[i]` the ids row i may not emit (no-repeat n-gram)."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and seen is not None:
         prev = logits.gather(1, seen)
         logits = logits.scatter(1, seen, torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty))
+    if banned and any(banned):
+        rows = torch.tensor([i for i, b in enumerate(banned) for _ in b], device=logits.device)
+        cols = torch.tensor([t for b in banned for t in b], device=logits.device)
+        logits = logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
@@ -93,8 +99,11 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     logits = model.lm_head(model(idx, pos=pos, mask=mask, cache=cache, hidden_only=True)[:, -1])
     next_pos = pos[:, -1] + 1
     penalise = cfg.repetition_penalty != 1.0
+    ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
     for step in range(cfg.max_new_tokens):
-        tok = sample_next(logits, seen if penalise else None, cfg, gen)
+        tok = sample_next(logits, seen if penalise else None, cfg, gen, ngrams.banned() if ngrams else None)
+        if ngrams:
+            ngrams.push(tok.tolist())
         is_stop = torch.isin(tok, stop) if len(stop) else torch.zeros_like(done)
         yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
         done |= is_stop
@@ -108,6 +117,29 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
             step_mask = valid[:, None, None, :]
         logits = model(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
+
+
+class NgramBan:
+    """No-repeat n-gram bookkeeping per row: which tokens would complete an n-gram the row has
+    already produced (prompt included, padding not), as transformers' NoRepeatNGramLogitsProcessor."""
+
+    def __init__(self, n: int, prompts: list[list[int]]):
+        self.n, self.hist = n, [list(p) for p in prompts]
+        self.seen: list[dict[tuple, set[int]]] = [{} for _ in prompts]
+        for i, h in enumerate(self.hist):
+            for j in range(len(h) - n + 1):
+                self.seen[i].setdefault(tuple(h[j:j + n - 1]), set()).add(h[j + n - 1])
+
+    def banned(self) -> list[list[int]]:
+        k = self.n - 1
+        return [sorted(s.get(tuple(h[len(h) - k:]) if k else (), ())) if len(h) >= k else []
+                for h, s in zip(self.hist, self.seen)]
+
+    def push(self, toks: list[int]) -> None:
+        for h, s, t in zip(self.hist, self.seen, toks):
+            h.append(t)
+            if len(h) >= self.n:
+                s.setdefault(tuple(h[len(h) - self.n:-1]), set()).add(t)
 
 
 @dataclass

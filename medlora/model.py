@@ -90,6 +90,9 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_head
         if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif q.is_cuda and gqa:  # cuDNN's SDPA fails on GQA + an explicit mask (torch 2.11, H200): copy the heads
+            r = self.n_head // self.n_kv
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))

@@ -75,3 +75,26 @@ def test_generate_ids_yields_none_after_stop(ours):
     ps = prompts(tok)[:2]
     steps = list(generate_ids(model, ps, GenConfig(max_new_tokens=5, stop_ids=set(range(tok.vocab_size)))))
     assert len(steps) == 1  # every token is a stop token: both rows stop at once
+
+
+def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
+    """Greedy with no_repeat_ngram=3 equals HF's no_repeat_ngram_size=3 (prompt included), and no
+    3-gram that ends in the answer occurred before; batching with left padding gives the same rows."""
+    model, tok = ours
+    ps = prompts(tok)
+    cfg = GenConfig(max_new_tokens=60, stop_ids={-1}, no_repeat_ngram=3)
+    single = []
+    for p in ps:
+        mine = generate(model, tok, [p], cfg)[0].ids
+        with torch.no_grad():
+            x = torch.tensor([p])
+            ref = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=60, do_sample=False,
+                                    no_repeat_ngram_size=3, eos_token_id=None, pad_token_id=tok.pad_id)[0, len(p):]
+        assert mine == ref.tolist()
+        row = p + mine
+        grams = [tuple(row[i:i + 3]) for i in range(len(row) - 2)]
+        assert all(grams[i] not in grams[:i] for i in range(len(p) - 2, len(grams)))  # the prompt may repeat itself
+        single.append(mine)
+    assert [g.ids for g in generate(model, tok, ps, cfg)] == single
+    plain = generate(model, tok, ps[:1], GenConfig(max_new_tokens=60, stop_ids={-1}))[0].ids
+    assert plain != single[0]  # the ban really changed something (the plain greedy answer loops)

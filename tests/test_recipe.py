@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from medlora.data import SAFETY_DATA, SHIPPED_DATA, prepare
+from medlora.data import REPLAY_DATA, SAFETY_DATA, SHIPPED_DATA, prepare
 from medlora.review import COLUMNS, ReviewError, read_sheet, score_sheet, wilson, write_sheet
 from medlora.shipped import DEFAULT_ADAPTER, base_problem, base_spec, read_manifest, required_base, verify
 from medlora.weights import bundled_gguf, sha256_file
@@ -111,17 +111,23 @@ def test_train_cli_default_mix_records_safety_and_the_flag_turns_it_off(tiny_fol
                                "--eval-every", "1000", "--val-rows", "2", "--out", str(out), *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
 
-    def run(*extra):
-        out = tmp_path / f"run{len(extra)}"
+    def run(*extra, name=None):
+        out = tmp_path / (name or f"run{len(extra)}")
         r = cli(out, *extra)
         assert r.returncode == 0, r.stderr[-2000:]
         return r, json.loads((out / "config.json").read_text())["data"]
 
     r, on = run()
     s = on["safety"]
-    assert Path(s["path"]) == SAFETY_DATA and s["sha256"] == sha256_file(SAFETY_DATA) and s["weight"] == 1.0
-    assert s["used"] == s["examples"] > 300 and s["rows"] == len(user_texts(SAFETY_DATA))
+    assert Path(s["path"]) == SAFETY_DATA and s["sha256"] == sha256_file(SAFETY_DATA) and s["weight"] == 2.0
+    assert s["used"] == 2 * s["examples"] > 600 and s["rows"] == len(user_texts(SAFETY_DATA))
     assert f"safety data: {s['used']} examples" in r.stdout
+    g = on["replay"]  # the general replay file is in the default mix too, 3 times over
+    assert Path(g["path"]) == REPLAY_DATA and g["sha256"] == sha256_file(REPLAY_DATA) and g["weight"] == 3.0
+    assert g["used"] == 3 * g["examples"] > 100 and f"replay data: {g['used']} examples" in r.stdout
+    r, no_replay = run("--no-replay-data", name="noreplay")
+    assert no_replay["replay"] == {"path": None, "off": "--no-replay-data"} and "replay data: off" in r.stdout
+    assert on["train"]["n"] == no_replay["train"]["n"] + g["used"] and no_replay["safety"] == s
     r, off = run("--no-safety-data")
     assert off["safety"] == {"path": None, "off": "--no-safety-data"} and "safety data: off" in r.stdout
     assert on["train"]["n"] == off["train"]["n"] + s["used"]  # MedQuAD rows unchanged, validation unchanged
@@ -129,8 +135,8 @@ def test_train_cli_default_mix_records_safety_and_the_flag_turns_it_off(tiny_fol
     # resuming a run with another mix than it was trained on is refused, with the flags that match it
     r = cli(tmp_path / "run1", "--resume", steps="2")
     assert r.returncode == 2 and "trained without safety data; resume it with --no-safety-data" in r.stderr, r.stderr
-    r = cli(tmp_path / "run0", "--resume", "--safety-weight", "2", steps="2")
-    assert r.returncode == 2 and f"--safety-data {s['path']} --safety-weight 1.0" in r.stderr, r.stderr
+    r = cli(tmp_path / "run0", "--resume", "--safety-weight", "1", steps="2")
+    assert r.returncode == 2 and f"--safety-data {s['path']} --safety-weight 2.0" in r.stderr, r.stderr
 
 
 def test_sanity_leaves_safety_out_and_contradictions_fail_fast():
@@ -143,6 +149,35 @@ def test_sanity_leaves_safety_out_and_contradictions_fail_fast():
     r = subprocess.run([sys.executable, "train.py", "--no-safety-data", "--safety-data", "x.jsonl"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "contradict" in r.stderr
+    assert a.replay is None and "--sanity" in a.replay_off
+    assert train.parse_args([]).replay == str(REPLAY_DATA) and train.parse_args([]).replay_weight == 3.0
+    r = subprocess.run([sys.executable, "train.py", "--replay-data", "missing.jsonl"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--replay-data missing.jsonl: no such file" in r.stderr and "general_data" in r.stderr
+
+
+def test_replay_data_is_decontaminated_and_every_answer_passes_its_filters():
+    """data/general_replay.jsonl: prompts are neither copies nor near copies of any evaluation prompt,
+    answers are ones worth rehearsing (ended in the file's own record, no repeated 4-gram, no medical
+    talk, the checkable ones correct); the prompt maker really drops an evaluation prompt."""
+    from medlora.general_data import keep_answer, make_prompts
+    from medlora.safety_data import contamination, eval_prompts
+
+    refs = eval_prompts()
+    recs = [json.loads(x) for x in REPLAY_DATA.read_text().splitlines()]
+    assert len(recs) >= 60 and len({r["category"] for r in recs}) >= 3
+    for r in recs:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert contamination(user, refs) is None, user
+        assert keep_answer(answer, True, []) is None, answer
+        assert r["source"].startswith("self-distilled from ")
+    prompts, _ = make_prompts(300, 0)
+    assert {r["messages"][0]["content"] for r in recs} <= {p["prompt"] for p in prompts}  # same seed, same prompts
+    leaked, counts = make_prompts(5, 0, references=["Which city is the capital of Germany?"])
+    assert counts["dropped_exact"] == 1 and all("Germany" not in p["prompt"] for p in leaked)
+    assert keep_answer("The capital is Bonn.", True, ["berlin"]) == "wrong answer"
+    assert keep_answer("Berlin is the capital.", False, ["berlin"]) == "did not end"
+    assert keep_answer("It is big and it is big and it is big.", True, []) == "repeated 4-gram"
     r = subprocess.run([sys.executable, "train.py", "--safety-data", "missing.jsonl"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "missing.jsonl: no such file" in r.stderr and "[medlora] model" not in r.stderr
@@ -335,3 +370,24 @@ def test_http_server_serves_the_default_adapter(gguf_path, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert got == want
+
+
+def test_recipe_table_is_generated_from_the_run_folders(tmp_path):
+    """docs/recipe/table.md is exactly what `python -m medlora.compare` makes of the committed runs
+    (nothing typed by hand), and its cells come from the runs' own JSON."""
+    from medlora.compare import run_row, table
+
+    rows_json = json.loads((ROOT / "docs" / "recipe" / "table.json").read_text())
+    runs = [ROOT / "docs" / "runs" / r["run"] for r in rows_json]
+    assert all(r.is_dir() for r in runs) and len(runs) >= 5
+    rows = [run_row(r) for r in runs]
+    assert table(rows) == (ROOT / "docs" / "recipe" / "table.md").read_text()
+    for run, row in zip(runs, rows):
+        rep = json.loads((run / "eval" / "report.json").read_text()) if (run / "eval" / "report.json").exists() else {}
+        if "heldout" in rep:
+            assert row["rougeL"] == rep["heldout"]["tuned"]["rougeL"]
+            assert row["ppl_ratio"] == pytest.approx(rep["heldout"]["tuned"]["ppl"] / rep["heldout"]["base"]["ppl"])
+        if "safety" in rep:
+            assert row["refuse"] == rep["safety"]["tuned"]["overall"]["refuse_redirect_rate"]
+    with pytest.raises(SystemExit, match="not a finished run folder"):
+        run_row(tmp_path)
