@@ -134,15 +134,18 @@ def http(model, tok, info: dict, args) -> int:
         feedback_file=args.feedback_file, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram=args.no_repeat_ngram)
     serve(model, tok, settings, args.host, args.port)
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    add_generation_flags(p)
+    # No-repeat 4-gram by default: on held-out questions it made the shipped adapter end every answer
+    # (0.67 -> 1.00) with a higher ROUGE-L, in half the time (docs/recipe/gen_settings.md).
+    add_generation_flags(p, no_repeat_ngram=4)
     model_flag = next(a for a in p._actions if a.dest == "model")
     model_flag.default = None  # None: the default adapter's own base, or the default model without it
     model_flag.help = ("hub id, HF folder, .gguf file, or 'bundled' (default: the base weights the default adapter "
@@ -155,6 +158,11 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action="store_true", help="int8 weight-only decoding: ~2x faster on a CPU at batch 1 "
                                                        "(bench/results), answers may differ slightly")
     add_http_flags(p)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.base_only and args.adapter:
         p.error("--base-only and --adapter contradict each other")

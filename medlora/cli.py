@@ -59,14 +59,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "(AVX512-BF16/AMX), else fp32. Generation: auto = bf16 on CUDA, fp32 on CPU")
 
 
-def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256, no_repeat_ngram: int = 0) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=nonneg_int, default=0)
     p.add_argument("--top-p", type=positive_float, default=1.0)
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1 = off (HF's definition)")
-    p.add_argument("--no-repeat-ngram", type=nonneg_int, default=0,
-                   help="n > 0: never repeat an n-gram within an answer (HF's no_repeat_ngram_size); 0 = off")
+    p.add_argument("--no-repeat-ngram", type=nonneg_int, default=no_repeat_ngram,
+                   help=f"n > 0: never repeat an n-gram of tokens within the conversation (HF's no_repeat_ngram_size); "
+                        f"0 = off (default {no_repeat_ngram})")
     p.add_argument("--seed", type=int, default=None)
 
 

@@ -380,6 +380,18 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
     if data.get("train"):
         training_data.append(f"- Split: {data['train']['n']:,} training / {data['val']['n']:,} validation examples, "
                              f"grouped by question so no question appears on both sides.")
+    mixed = [(k, data[k]) for k in ("safety", "replay") if isinstance(data.get(k), dict) and data[k].get("path")]
+    what = {"safety": "synthetic refuse-and-redirect / safe-guidance chats (`python -m medlora.safety_data`)",
+            "replay": "the base model's own answers to everyday non-medical prompts, against forgetting "
+                      "(`python -m medlora.general_data`)"}
+    for kind, src in mixed:
+        training_data.append(f"- Also mixed into training (never into validation): {src.get('used', 0):,} examples from "
+                             f"`{Path(str(src['path'])).name}` (weight {src.get('weight')}), {what[kind]}.")
+    if record.get("init_adapter"):
+        sha = record.get("init_adapter_sha256")
+        training_data.append(f"- This was a second stage: training started from the adapter `{record['init_adapter']}`"
+                             + (f" (sha256 `{sha}`)" if sha else "") + "; its own run record describes the first "
+                             "stage (the repository's `docs/recipe/` for the shipped adapter).")
     training_data.append("- The answers are medical *information* from NIH websites as of the snapshot; they are "
                          "not medical advice and may be out of date.")
 

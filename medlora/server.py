@@ -69,6 +69,7 @@ class Settings:
     top_p: float = 1.0
     top_k: int = 0  # server-wide (not in the OpenAI API)
     repetition_penalty: float = 1.0  # server-wide
+    no_repeat_ngram: int = 0  # server-wide
 
 
 class ApiError(Exception):
@@ -439,7 +440,8 @@ def serve(model, tok: ChatTokenizer, settings: Settings, host: str = "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"[medlora] warning: serving on {host} with no API key: anyone who can reach this port can use it",
               file=sys.stderr)
-    engine = Engine(model, tok, settings.max_batch, settings.top_k, settings.repetition_penalty)
+    engine = Engine(model, tok, settings.max_batch, settings.top_k, settings.repetition_penalty,
+                    settings.no_repeat_ngram)
     app = create_app(engine, settings)
     print(f"[medlora] serving {settings.model_id} on http://{host}:{port} (API key {'required' if settings.api_key else 'off'}; "
           f"feedback -> {settings.feedback_file})", flush=True)

@@ -343,7 +343,8 @@ def test_shipped_adapter_refuses_another_base(tiny_folder):
 
 
 def test_http_server_serves_the_default_adapter(gguf_path, tmp_path):
-    """`serve.py --http` with no adapter flag answers with base + shipped adapter, token for token."""
+    """`serve.py --http` with no adapter flag answers with base + shipped adapter under serve's default
+    decoding (greedy, no repeated 4-gram), token for token."""
     import httpx
 
     from medlora.generate import GenConfig, generate
@@ -366,7 +367,7 @@ def test_http_server_serves_the_default_adapter(gguf_path, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want = generate(model, tok, [prompt], GenConfig(max_new_tokens=12))[0].text
+        want = generate(model, tok, [prompt], GenConfig(max_new_tokens=12, no_repeat_ngram=4))[0].text  # serve's default
     finally:
         torch.set_num_threads(threads)
     assert got == want

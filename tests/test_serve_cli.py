@@ -28,6 +28,17 @@ def test_repl_commands(gguf_path):
     assert "You are medlora" in out and "commands:" in out
 
 
+def test_serve_defaults_to_no_repeat_4gram_and_eval_to_plain_greedy():
+    """serve.py's decoding default is the measured pick (docs/recipe/gen_settings.md); eval.py's stays
+    plain greedy, so its reports compare with every earlier one."""
+    import eval as eval_cli
+    import serve
+
+    assert serve.build_parser().parse_args([]).no_repeat_ngram == 4
+    assert serve.build_parser().parse_args(["--no-repeat-ngram", "0"]).no_repeat_ngram == 0
+    assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8")]).no_repeat_ngram == 0
+
+
 def test_bad_flags_fail_before_loading():
     r = run(["--max-new-tokens", "0", "--prompt", "x"])
     assert r.returncode == 2 and "max-new-tokens" in r.stderr

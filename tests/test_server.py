@@ -58,7 +58,9 @@ def running_server(gguf_path: str, folder: Path, *flags: str, api_key: str | Non
     if api_key:
         env["MEDLORA_API_KEY"] = api_key  # the environment route; --api-key works the same
     cmd = [sys.executable, "serve.py", "--http", "--port", str(port), "--model", gguf_path,
-           "--feedback-file", str(folder / "feedback.jsonl"), *(["--base-only"] if base_only else []), *flags]
+           "--feedback-file", str(folder / "feedback.jsonl"),
+           # plain decoding on the base: these tests compare with the library's plain greedy/sampling
+           *(["--base-only", "--no-repeat-ngram", "0"] if base_only else []), *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
