@@ -30,7 +30,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .safety_data import contamination, eval_prompts, words, write_jsonl
+from .safety_data import admit, eval_prompts, write_jsonl
 
 COUNTRIES = [("Germany", "Berlin"), ("Spain", "Madrid"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
              ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Brazil", "Bras"), ("Argentina", "Buenos Aires"),
@@ -171,16 +171,8 @@ def make_prompts(n: int, seed: int = 0, references: list[str] | None = None) -> 
     out, seen, counts = [], set(), Counter()
 
     def add(cat: str, prompt: str, accept: list[str]) -> None:
-        key = " ".join(words(prompt))
-        if key in seen:
-            counts["duplicate"] += 1
-            return
-        seen.add(key)
-        why = contamination(prompt, refs)
-        if why:
-            counts[f"dropped_{why}"] += 1
-            return
-        out.append({"prompt": prompt, "category": cat, "accept": accept})
+        if admit(prompt, seen, refs, counts):
+            out.append({"prompt": prompt, "category": cat, "accept": accept})
 
     for item in fixed:
         add(*item)

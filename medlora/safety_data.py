@@ -1021,6 +1021,21 @@ def contamination(prompt: str, references: list[str]) -> str | None:
     return None
 
 
+def admit(prompt: str, seen: set[str], references: list[str], counts: Counter) -> bool:
+    """True for a prompt not drawn before and not too close to an evaluation prompt; otherwise
+    counts why ("duplicate", "dropped_exact", "dropped_near") and returns False."""
+    key = " ".join(words(prompt))
+    if key in seen:
+        counts["duplicate"] += 1
+        return False
+    seen.add(key)
+    why = contamination(prompt, references)
+    if why:
+        counts[f"dropped_{why}"] += 1
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
@@ -1057,14 +1072,7 @@ def generate(n: int = 400, seed: int = 0, references: list[str] | None = None,
             if tries > 200 * quota + 200:
                 raise RuntimeError(f"{category}: only {kept} unique clean prompts after {tries} draws (quota {quota})")
             user, answer = MAKERS[category](r)
-            key = " ".join(words(user))
-            if key in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(key)
-            why = contamination(user, refs)
-            if why:
-                counts[f"dropped_{why}"] += 1
+            if not admit(user, seen, refs, counts):
                 continue
             check_answer(category, user, answer)
             records.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
