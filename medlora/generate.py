@@ -102,10 +102,11 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
     for step in range(cfg.max_new_tokens):
         tok = sample_next(logits, seen if penalise else None, cfg, gen, ngrams.banned() if ngrams else None)
+        toks = tok.tolist()  # one device sync per step
         if ngrams:
-            ngrams.push(tok.tolist())
+            ngrams.push(toks)
         is_stop = torch.isin(tok, stop) if len(stop) else torch.zeros_like(done)
-        yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
+        yield [None if d else t for t, d in zip(toks, done.tolist())]
         done |= is_stop
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             return
@@ -124,11 +125,18 @@ class NgramBan:
     already produced (prompt included, padding not), as transformers' NoRepeatNGramLogitsProcessor."""
 
     def __init__(self, n: int, prompts: list[list[int]]):
-        self.n, self.hist = n, [list(p) for p in prompts]
+        self.n = n
+        self.hist: list[list[int]] = [[] for _ in prompts]
         self.seen: list[dict[tuple, set[int]]] = [{} for _ in prompts]
-        for i, h in enumerate(self.hist):
-            for j in range(len(h) - n + 1):
-                self.seen[i].setdefault(tuple(h[j:j + n - 1]), set()).add(h[j + n - 1])
+        for i, p in enumerate(prompts):
+            for t in p:
+                self._add(i, t)
+
+    def _add(self, i: int, t: int) -> None:
+        h = self.hist[i]
+        h.append(t)
+        if len(h) >= self.n:
+            self.seen[i].setdefault(tuple(h[len(h) - self.n:-1]), set()).add(t)
 
     def banned(self) -> list[list[int]]:
         k = self.n - 1
@@ -136,10 +144,8 @@ class NgramBan:
                 for h, s in zip(self.hist, self.seen)]
 
     def push(self, toks: list[int]) -> None:
-        for h, s, t in zip(self.hist, self.seen, toks):
-            h.append(t)
-            if len(h) >= self.n:
-                s.setdefault(tuple(h[len(h) - self.n:-1]), set()).add(t)
+        for i, t in enumerate(toks):
+            self._add(i, t)
 
 
 @dataclass
