@@ -7,7 +7,8 @@
     python eval.py --score-review runs/x/eval/review_sheet.csv    # un-blind a filled review sheet
 
 Writes report.json (every number), report.md (tables + side-by-side answers) and report.png.
-Greedy decoding by default, so two runs give the same report. With the held-out part it also
+Greedy decoding with serve.py's no-repeat 4-gram rule by default (what users get; `--no-repeat-ngram 0`
+is plain greedy), so two runs give the same report. With the held-out part it also
 writes a blinded review sheet (review_sheet.csv, --review-size rows) and its key (review_key.json,
 kept from the reviewer); see medlora/review.py.
 """
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from medlora.cli import add_generation_flags, add_model_flags, nonneg_int, pick_device, pick_dtype, positive_int
+from medlora.cli import DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, nonneg_int, pick_device, pick_dtype, positive_int
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("heldout", "general", "medical", "safety")
@@ -30,7 +31,7 @@ PARTS = ("heldout", "general", "medical", "safety")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    add_generation_flags(p, max_new_tokens=256)
+    add_generation_flags(p, max_new_tokens=256, no_repeat_ngram=DEFAULT_NO_REPEAT_NGRAM)  # serve.py's decoding
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format); the tuned model is base + adapter")
     p.add_argument("--base-model", default=None, help="the base to compare with when --model is a merged checkpoint")
     p.add_argument("--run", default=None, help="run folder whose recorded split to use (default: the adapter's parent)")
@@ -106,6 +107,17 @@ def heldout_rows(args, record: dict | None, run_dir: Path | None):
     return val, note, info
 
 
+def decoding(gen) -> str:
+    """The decoding settings in words, for the report's header."""
+    words = ["greedy" if gen.temperature == 0 else f"sampling (temperature {gen.temperature:g}, top-k {gen.top_k}, "
+             f"top-p {gen.top_p:g}, seed {gen.seed})"]
+    if gen.no_repeat_ngram:
+        words.append(f"no repeated {gen.no_repeat_ngram}-gram")
+    if gen.repetition_penalty != 1:
+        words.append(f"repetition penalty {gen.repetition_penalty:g}")
+    return ", ".join(words)
+
+
 def score_review(args) -> int:
     from medlora.review import ReviewError, format_score, score_and_write
 
@@ -178,10 +190,15 @@ def main(argv=None) -> int:
             res[part] = {"answers": ev.answer_all(model, tok, inp["questions"], gen, args.batch_size,
                                                   progress=f"{label} {part}")}
             if part == "heldout":
+                # The rows as the run itself built its validation set: its max length and its policy for
+                # longer rows (trimmed answers by default), so perplexity covers every held-out row it saw.
                 max_len = (record or {}).get("max_seq_len", 1024)
-                exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len)
+                exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len,
+                                                    long_rows=(record or {}).get("long_rows", "drop"))
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
-                res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs))
+                res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
+                                 loss_rows=f"{len(exs)} of {len(inp['loss_rows'])} rows, at most {max_len} tokens, "
+                                           f"longer rows {(record or {}).get('long_rows', 'drop')}")
             res[part]["seconds"] = time.time() - t0
             print(f"[eval] {label} {part}: {len(inp['questions'])} prompts in {res[part]['seconds']:.0f}s", file=sys.stderr)
         return res
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
                     "device": str(device), "precision": precision, "seed": args.seed,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     md = ["# medlora evaluation: base vs tuned\n", f"- base: `{base_info['id']}`",
-          f"- tuned: `{args.adapter or args.model}`", f"- decoding: {'greedy' if gen.temperature == 0 else gen.__dict__}, "
+          f"- tuned: `{args.adapter or args.model}`", f"- decoding: {decoding(gen)}, "
           f"max {gen.max_new_tokens} new tokens; every prompt under the safe system prompt\n"]
 
     if "heldout" in inputs:
@@ -221,7 +238,7 @@ def main(argv=None) -> int:
         st = ev.score_reference_answers(tuned["heldout"]["answers"], inp["refs"])
         boot = ev.paired_bootstrap(sb.pop("per_item_rougeL"), st.pop("per_item_rougeL"), seed=args.seed)
         for s, r in ((sb, base), (st, tuned)):
-            s.update(loss=r["heldout"]["loss"], ppl=r["heldout"]["ppl"], loss_examples=r["heldout"]["loss_examples"])
+            s.update({k: r["heldout"][k] for k in ("loss", "ppl", "loss_examples", "loss_rows")})
         report["heldout"] = {"base": sb, "tuned": st, "rougeL_diff_bootstrap95": boot, "split": inp["note"],
                              "data": {k: inp["data"].get(k) for k in ("source", "sha256", "rows")}}
         md += ["## Held-out MedQuAD\n", f"Split: {inp['note']}.\n", ev.table([
@@ -230,7 +247,7 @@ def main(argv=None) -> int:
             ("token F1", sb["token_f1"], st["token_f1"]), ("ends its turn", sb["ended_rate"], st["ended_rate"]),
             ("answers with a repeated 4-gram", sb["repeat4_rate"], st["repeat4_rate"]),
             ("mean answer tokens", sb["mean_tokens"], st["mean_tokens"])]),
-            f"\nPerplexity ratio tuned/base: {st['ppl'] / sb['ppl']:.3f} ({sb['loss_examples']} rows). "
+            f"\nPerplexity ratio tuned/base: {st['ppl'] / sb['ppl']:.3f} ({sb['loss_rows']}). "
             f"ROUGE-L difference (tuned − base): {ev._fmt(boot['diff'])}, paired-bootstrap 95% interval "
             f"[{ev._fmt(boot['lo'])}, {ev._fmt(boot['hi'])}] over {sb['n']} questions.\n",
             "### Side by side\n", ev.side_by_side(inp["questions"], base["heldout"]["answers"],

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from medlora.cli import add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
+from medlora.cli import DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, with_safety_prompt
 
@@ -59,6 +59,12 @@ def build(args):
         quantize_int8(model)  # after merging: the adapter is inside the int8 weights
         print("[medlora] int8 weights (faster CPU decoding; answers may differ slightly from full precision)",
               file=sys.stderr)
+    if getattr(args, "compile", False):
+        from medlora.generate import compile_decoding, generate_ids
+
+        print("[medlora] compiling the decode step (torch.compile; about a minute, once)...", file=sys.stderr)
+        compile_decoding(model)
+        list(generate_ids(model, [tok.encode("Hello")], GenConfig(max_new_tokens=3), tok.pad_id))  # compile now
     args.adapter = adapter
     return model, tok, info
 
@@ -143,9 +149,7 @@ def http(model, tok, info: dict, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    # No-repeat 4-gram by default: on held-out questions it made the shipped adapter end every answer
-    # (0.67 -> 1.00) with a higher ROUGE-L, in half the time (docs/recipe/gen_settings.md).
-    add_generation_flags(p, no_repeat_ngram=4)
+    add_generation_flags(p, no_repeat_ngram=DEFAULT_NO_REPEAT_NGRAM)  # what eval.py measures too
     model_flag = next(a for a in p._actions if a.dest == "model")
     model_flag.default = None  # None: the default adapter's own base, or the default model without it
     model_flag.help = ("hub id, HF folder, .gguf file, or 'bundled' (default: the base weights the default adapter "
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
     p.add_argument("--int8", action="store_true", help="int8 weight-only decoding: ~2x faster on a CPU at batch 1 "
                                                        "(bench/results), answers may differ slightly")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step at startup (about a "
+                                                          "minute): faster answers, same tokens (bench/results)")
     add_http_flags(p)
     return p
 

@@ -134,8 +134,8 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     for prec in cfg.precisions:
         jobs.append(("train", f"medlora {prec}", {**common, "impl": "medlora", "precision": prec}, ROOT))
         if before_root is not None:
-            jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec,
-                                                                  "bf16_weights": False}, before_root))
+            jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec},
+                         before_root))
         jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
     if cfg.extras and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
@@ -147,6 +147,9 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     impls = ["medlora", "medlora-int8", "hf"] + (["llamacpp"] if base.get("gguf") else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
+    if cfg.extras:  # the compiled decode step (serve.py --compile); compiling takes a minute or two per job
+        jobs += [("gen", f"gen {impl}+compile", {**gen, "impl": impl, "compile": True}, ROOT)
+                 for impl in ("medlora", "medlora-int8")]
     for _, label, spec, _ in jobs:
         spec["label"] = label
     return jobs
@@ -180,7 +183,7 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
                             "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
                             "flop_util": ours.get("flop_util")}
     hf = results.get("gen hf", {})
-    for impl in ("medlora", "medlora-int8", "llamacpp"):
+    for impl in ("medlora", "medlora-int8", "medlora+compile", "medlora-int8+compile", "llamacpp"):
         r = results.get(f"gen {impl}", {})
         if not r or "error" in r or "error" in hf:
             continue
@@ -195,6 +198,10 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
     if ours and q and "error" not in q and "error" not in ours:
         a, b = ours["greedy_tokens"], q["greedy_tokens"]
         s["gen"]["int8_first_divergence"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    for impl in ("medlora", "medlora-int8"):  # compiling must not change a single greedy token
+        eager, comp = results.get(f"gen {impl}", {}), results.get(f"gen {impl}+compile", {})
+        if eager and comp and "error" not in eager and "error" not in comp:
+            s["gen"][f"{impl}_compiled_tokens_equal_eager"] = eager["greedy_tokens"] == comp["greedy_tokens"]
     s["train_flops_per_token"] = flops / sum(sum(b) for b in inputs["row_lengths"][cfg.warmup:])
     return s
 
@@ -244,7 +251,8 @@ def markdown(record: dict) -> str:
     for impl, g in s["gen"].items():
         if isinstance(g, dict):
             lines.append(f"\n{impl}: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if v is not None))
-    for k in ("greedy_tokens_equal_hf", "int8_first_divergence"):
+    for k in ("greedy_tokens_equal_hf", "int8_first_divergence", "medlora_compiled_tokens_equal_eager",
+              "medlora-int8_compiled_tokens_equal_eager"):
         if k in s["gen"]:
             lines.append(f"\n{k}: {s['gen'][k]}")
     return "\n".join(lines) + "\n"

@@ -55,7 +55,8 @@ def run_row(run: Path) -> dict:
                        rougeL_ci=h.get("rougeL_diff_bootstrap95"), ended_base=h["base"]["ended_rate"],
                        ended=h["tuned"]["ended_rate"], repeat4_base=h["base"]["repeat4_rate"],
                        repeat4=h["tuned"]["repeat4_rate"], n_heldout=h["tuned"]["n"],
-                       max_new_tokens=rep.get("generation", {}).get("max_new_tokens"))
+                       max_new_tokens=rep.get("generation", {}).get("max_new_tokens"),
+                       no_repeat_ngram=rep.get("generation", {}).get("no_repeat_ngram") or 0)
             if h["base"].get("ppl") and h["tuned"].get("ppl"):
                 row["ppl_ratio"] = h["tuned"]["ppl"] / h["base"]["ppl"]  # vs the plain base model
         if g:
@@ -74,7 +75,7 @@ def _f(v, fmt):
 
 def table(rows: list[dict]) -> str:
     head = ("| run | from | where | rank | targets | lr | max len | safety w. | replay w. | steps × batch | tokens | min "
-            "| val loss start → best | held-out ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn (in N new tokens) | repeat-4 | general containment "
+            "| val loss start → best | held-out ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn (in N new tokens, decoding) | repeat-4 | general containment "
             "| refuse/redirect | harmful compliance | over-refusal |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -89,7 +90,8 @@ def table(rows: list[dict]) -> str:
             f"{_f(r['base_val'], '{:.3f}')} → {_f(r['best_val'], '{:.3f}')}", _f(r.get("ppl_ratio"), "{:.3f}"), rouge,
             _f(r.get("token_f1"), "{:.3f}"),
             _f(r.get("ended"), "{:.2f}") + (f" (base {r['ended_base']:.2f})" if r.get("ended_base") is not None else "")
-            + (f" in {r['max_new_tokens']}" if r.get("max_new_tokens") else ""),
+            + (f" in {r['max_new_tokens']}" if r.get("max_new_tokens") else "")
+            + (f", no-repeat {r['no_repeat_ngram']}" if r.get("no_repeat_ngram") else ""),
             _f(r.get("repeat4"), "{:.2f}") + (f" (base {r['repeat4_base']:.2f})" if r.get("repeat4_base") is not None else ""),
             _f(r.get("containment"), "{:.2f}") + (f" (base {r['containment_base']:.2f})" if r.get("containment_base") is not None else ""),
             _f(r.get("refuse"), "{:.2f}"), _f(r.get("compliance"), "{:.2f}"), _f(r.get("over_refusal"), "{:.2f}"),

@@ -24,7 +24,6 @@ on this machine (fp32), so the file is reproducible up to floating-point ties.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections import Counter

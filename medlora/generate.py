@@ -116,8 +116,25 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
         if mask is not None:  # left padding: keep hiding the pad slots from every new token
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             step_mask = valid[:, None, None, :]
-        logits = model(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
+        logits = decode_step(model)(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
+
+
+def compile_decoding(model: Llama) -> Llama:
+    """torch.compile the one-token decode step (prefill stays eager: one call per answer).
+
+    At batch 1 on a CPU a decode step is ~30 layers x ~15 small ops, and the Python dispatch
+    between them costs as much as the arithmetic once weights are int8; the compiled step fuses
+    them (bench/results: the `+compile` rows). `dynamic=True`: the cache grows by one slot per
+    step, so the step is compiled once for every length instead of once per length. The first
+    call compiles (about a minute on 2 cores); greedy tokens stay those of the eager model (test).
+    """
+    model.decode_step = torch.compile(model.forward, dynamic=True)  # a function, not a submodule
+    return model
+
+
+def decode_step(model: Llama):
+    return getattr(model, "decode_step", None) or model
 
 
 class NgramBan:

@@ -177,6 +177,7 @@ def dry_run_report(model, report: dict, ds, batch_size: int, grad_accum: int, ep
     import math
 
     from .data import bucketed_batches
+    from .trainer import HEAD_CHUNK
 
     cfg = model.config
     total, trainable = report["total"], report["trainable"]
@@ -188,11 +189,12 @@ def dry_run_report(model, report: dict, ds, batch_size: int, grad_accum: int, ep
     steps = max_steps or max(1, math.ceil(steps_per_epoch * epochs))
     longest = max(max(len(ds.train[i].ids) for i in b) for b in batches)
     # Saved activations per token and layer for the backward pass: the inputs of the 7 projections
-    # and their LoRA branches (~6 d + 2 kv), the SwiGLU intermediates (~3 f), norms/residuals (~2 d).
+    # and their LoRA branches (~6 d + 2 kv), the SwiGLU inputs and product (3 f; silu(g) is recomputed),
+    # the norms' inputs (2 d; their fp32 internals are recomputed).
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
     per_token = cfg.num_hidden_layers * (8 * d + 2 * kv + 3 * f) * abytes
     act = batch_size * longest * per_token
-    head_chunk = 1024 * cfg.vocab_size * 4 * 2  # one chunk of fp32 logits + probabilities
+    head_chunk = HEAD_CHUNK * cfg.vocab_size * 4 * 2  # one chunk of fp32 logits + probabilities
     mem = {"weights": total * wbytes, "lora_weights": trainable * 4, "gradients": trainable * 4,
            "adam_state": trainable * 8, "activations_longest_batch": act, "head_loss_chunk": head_chunk}
     mem["total"] = sum(mem.values())

@@ -1,6 +1,7 @@
 """Tiny models shared by tests (random weights, real shapes of a Llama)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medlora.config import ModelConfig
@@ -23,3 +24,13 @@ def randomize_lora(model, seed: int = 0, std: float = 0.05) -> None:
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module to run its tests on one thread: the tiny model runs fastest so
+    (as do the torchrun workers), and several threads crawl on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

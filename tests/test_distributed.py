@@ -26,17 +26,9 @@ from medlora import checkpoint as ckpt  # noqa: E402
 from medlora.config import LoRAConfig  # noqa: E402
 from medlora.data import Dataset  # noqa: E402
 from medlora.trainer import TrainConfig, train  # noqa: E402
+from helpers import one_thread  # noqa: E402, F401 (autouse: every test here runs on one thread)
 
 STEPS = 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Like the workers: the tiny model runs fastest on one thread (and a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dataset() -> Dataset:

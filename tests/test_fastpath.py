@@ -157,3 +157,52 @@ def test_readme_performance_numbers_come_from_the_bench_results():
     ]
     missing = [row for row in rows if row not in " ".join(section.split()) and row not in section]
     assert not missing, "README Performance differs from bench/results/cpu.json:\n" + "\n".join(missing)
+
+
+def _saved_bytes(model, ids, labels, precision, recompute):
+    """Loss, LoRA gradients and the bytes kept for the backward pass: what autograd saves plus what
+    `recompute` keeps (its inputs, which autograd's hooks do not see), distinct storages, weights aside."""
+    import medlora.model as M
+
+    seen: dict[int, int] = {}
+
+    def keep(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    def counted(fn, *args):  # the inputs recompute holds on to
+        out = recompute(fn, *args)
+        if recompute is not plain:
+            [keep(a) for a in args]
+        return out
+
+    M.recompute = counted
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, n = batch_loss(model, ids, labels, precision)
+    (loss / n).backward()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved too, but they exist anyway
+    return loss.item(), _grads(model), sum(v for k, v in seen.items() if k not in weights)
+
+
+def plain(fn, *args):
+    return fn(*args)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recomputed_norms_and_swiglu_give_the_same_gradients_in_less_memory(ours, monkeypatch, precision):
+    """model.recompute keeps only the inputs of the norms and of silu(g)*u for the backward pass:
+    identical loss and gradients (the recompute runs the same code), less memory kept: in fp32 the
+    norms' and silu's outputs; in bf16 also the norms' fp32 internals."""
+    import medlora.model as M
+
+    base, tok = ours
+    model = _lora_model(base, torch.bfloat16 if precision == "bf16" else torch.float32)  # as train.py loads it
+    model.train()
+    ids, labels = _batch(tok)
+    monkeypatch.setattr(M, "recompute", M.recompute)  # restored after the test
+    loss, grads, kept = _saved_bytes(model, ids, labels, precision, M.recompute)
+    loss0, grads0, kept0 = _saved_bytes(model, ids, labels, precision, plain)  # autograd stores everything
+    assert abs(loss - loss0) <= 1e-6 * abs(loss0)
+    assert torch.allclose(grads, grads0, rtol=1e-4, atol=1e-7)
+    assert kept < {"fp32": 0.9, "bf16": 0.8}[precision] * kept0, (kept, kept0)

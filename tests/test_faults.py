@@ -31,17 +31,9 @@ from medlora import trainer  # noqa: E402
 from medlora.config import LoRAConfig  # noqa: E402
 from medlora.data import Dataset  # noqa: E402
 from medlora.trainer import TrainConfig, train  # noqa: E402
+from helpers import one_thread  # noqa: E402, F401 (autouse: every test here runs on one thread)
 
 STEPS = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs fastest on one thread, and several threads crawl on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_run(run_dir: Path, steps: int = STEPS, resume: bool = False, on_step=None,

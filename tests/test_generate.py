@@ -98,3 +98,25 @@ def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
     assert [g.ids for g in generate(model, tok, ps, cfg)] == single
     plain = generate(model, tok, ps[:1], GenConfig(max_new_tokens=60, stop_ids={-1}))[0].ids
     assert plain != single[0]  # the ban really changed something (the plain greedy answer loops)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """serve.py --compile: the torch.compile'd decode step decodes exactly what the eager model does,
+    for one row and for a left-padded batch (the masked path). A tiny model keeps compiling short."""
+    import copy
+
+    from helpers import tiny_model
+
+    from medlora.generate import compile_decoding
+    from medlora.model import init_weights
+
+    eager = init_weights(tiny_model(), seed=1, std=0.5)  # large weights: varied tokens, not one repeated
+    compiled = compile_decoding(copy.deepcopy(eager))
+    cfg = GenConfig(max_new_tokens=12, stop_ids={-1})
+    rows = [[5, 9, 17, 3, 44, 2], [8, 1, 60]]
+    for batch in ([rows[0]], rows):
+        want = [s for s in generate_ids(eager, batch, cfg)]
+        assert len({tuple(s) for s in want}) > 6
+        assert [s for s in generate_ids(compiled, batch, cfg)] == want
+    assert "decode_step" not in dict(compiled.named_modules())  # not a submodule: state_dict is unchanged
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
