@@ -225,6 +225,13 @@ def main(argv=None) -> int:
                                                                 [a.text for a in base["general"]["answers"]], device)
 
     # ---- score ------------------------------------------------------------------------------------
+    def answers_of(part: str) -> list[dict]:
+        """Every answer in full (the markdown shows them cut), so a report can be re-scored later."""
+        qs = inputs[part]["questions"]
+        refs = inputs[part].get("refs") or [None] * len(qs)
+        return [{"prompt": q, "reference": ref, "base": b.text, "tuned": t.text, "base_ended": b.ended,
+                 "tuned_ended": t.ended} for q, ref, b, t in zip(qs, refs, base[part]["answers"], tuned[part]["answers"])]
+
     report: dict = {"models": {"base": base_info, "tuned": tuned_info}, "generation": gen.__dict__ | {"stop_ids": None},
                     "device": str(device), "precision": precision, "seed": args.seed,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -240,6 +247,7 @@ def main(argv=None) -> int:
         for s, r in ((sb, base), (st, tuned)):
             s.update({k: r["heldout"][k] for k in ("loss", "ppl", "loss_examples", "loss_rows")})
         report["heldout"] = {"base": sb, "tuned": st, "rougeL_diff_bootstrap95": boot, "split": inp["note"],
+                             "answers": answers_of("heldout"),
                              "data": {k: inp["data"].get(k) for k in ("source", "sha256", "rows")}}
         md += ["## Held-out MedQuAD\n", f"Split: {inp['note']}.\n", ev.table([
             ("loss per token", sb["loss"], st["loss"]), ("perplexity", sb["ppl"], st["ppl"]),
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
         gt = ev.score_general(tuned["general"]["answers"], recs, base["general"]["answers"])
         gb["ppl_on_base_answers"] = math.exp(min(base["general"]["self_nll"], 50))
         gt["ppl_on_base_answers"] = math.exp(min(tuned["general"]["nll_on_base_answers"], 50))
-        report["general"] = {"base": gb, "tuned": gt}
+        report["general"] = {"base": gb, "tuned": gt, "answers": answers_of("general")}
         md += ["## General (non-medical) prompts\n", ev.table([
             ("reference containment", gb["containment"], gt["containment"]),
             ("perplexity on the base model's answers", gb["ppl_on_base_answers"], gt["ppl_on_base_answers"]),
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
     if "medical" in inputs:
         recs = inputs["medical"]["records"]
         mb, mt = ev.keyword_coverage(base["medical"]["answers"], recs), ev.keyword_coverage(tuned["medical"]["answers"], recs)
-        report["medical"] = {"base": mb, "tuned": mt}
+        report["medical"] = {"base": mb, "tuned": mt, "answers": answers_of("medical")}
         md += ["## Hand-written medical questions\n", ev.table([
             ("keyword coverage", mb["keyword_coverage"], mt["keyword_coverage"]),
             ("ends its turn", mb["ended_rate"], mt["ended_rate"]),

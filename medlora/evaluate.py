@@ -153,11 +153,24 @@ def score_reference_answers(answers: list[Answer], refs: list[str]) -> dict:
     }
 
 
+def contains_answer(text: str, accept: list[str]) -> bool:
+    """Does `text` contain one of the accepted answers as a whole word (case-insensitive)?
+    Whole words: "7" is not in "117" or "27 - 20 = 10" (plain substring tests counted both)."""
+    low = text.lower()
+    for a in accept:
+        a = a.lower()
+        left = r"(?<!\w)" if a[:1].isalnum() else ""  # a boundary only where the answer starts/ends in a word
+        right = r"(?!\w)" if a[-1:].isalnum() else ""
+        if re.search(left + re.escape(a) + right, low):
+            return True
+    return False
+
+
 def score_general(answers: list[Answer], records: list[dict], base_answers: list[Answer] | None) -> dict:
     with_ref = [(a, r) for a, r in zip(answers, records) if r.get("accept")]
     out = {
         "n": len(answers),
-        "containment": mean(float(any(s.lower() in a.text.lower() for s in r["accept"])) for a, r in with_ref),
+        "containment": mean(float(contains_answer(a.text, r["accept"])) for a, r in with_ref),
         "n_with_reference": len(with_ref),
         "repeat4_rate": mean(float(has_repeated_ngram(a.text)) for a in answers),
         "distinct2": mean(distinct_2(a.text) for a in answers),

@@ -190,7 +190,7 @@ def _eval_files() -> list[Path]:
 
 def keep_answer(text: str, ended: bool, accept: list[str]) -> str | None:
     """Why an answer is not worth rehearsing, or None to keep it."""
-    from .evaluate import has_repeated_ngram, medical_talk
+    from .evaluate import contains_answer, has_repeated_ngram, medical_talk
 
     if not ended:
         return "did not end"
@@ -200,7 +200,7 @@ def keep_answer(text: str, ended: bool, accept: list[str]) -> str | None:
         return "repeated 4-gram"
     if medical_talk(text):
         return "medical talk"
-    if accept and not any(a in text.lower() for a in accept):
+    if accept and not contains_answer(text, accept):
         return "wrong answer"
     return None
 

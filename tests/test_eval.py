@@ -8,7 +8,8 @@ import sys
 
 from conftest import ROOT
 
-from medlora.evaluate import distinct_2, has_repeated_ngram, medical_talk, paired_bootstrap, rouge, token_f1
+from medlora.evaluate import (contains_answer, distinct_2, has_repeated_ngram, medical_talk, paired_bootstrap, rouge,
+                              token_f1)
 
 ADAPTER = ROOT / "docs" / "runs" / "gpu-r8-epoch1" / "best_adapter"
 
@@ -23,6 +24,9 @@ def test_text_metrics():
     assert rouge("the cat sat", "the cat sat")["rougeL"] == 1.0
     boot = paired_bootstrap([0.1] * 20, [0.3] * 20)
     assert abs(boot["diff"] - 0.2) < 1e-9 and boot["lo"] <= boot["diff"] <= boot["hi"]
+    assert contains_answer("There are seven continents.", ["7", "seven"]) and contains_answer("It is 7.", ["7"])
+    assert not contains_answer("27 - 20 = 10", ["7"]) and not contains_answer("129,117,127", ["7"])
+    assert contains_answer("def is_even(n):", ["def "]) and contains_answer("Use O(n log n).", ["o(n log n)"])
     noisy = paired_bootstrap([0.1, 0.5, 0.2, 0.4] * 5, [0.2, 0.4, 0.3, 0.3] * 5)
     assert noisy["lo"] < 0 < noisy["hi"]  # a difference that is not significant is not reported as one
 
@@ -42,7 +46,9 @@ def test_eval_end_to_end_writes_every_report_file(tmp_path, gguf_path):
         assert part in rep, part
     h = rep["heldout"]
     assert h["base"]["n"] == 2 and h["base"]["loss_examples"] >= 1 and h["tuned"]["ppl"] < h["base"]["ppl"]
-    assert "recorded split" in h["split"]
+    assert "recorded split" in h["split"] and "rows, at most" in h["base"]["loss_rows"]
+    assert len(h["answers"]) == 2 and h["answers"][0]["reference"] and "tuned" in rep["general"]["answers"][0]
+    assert rep["generation"]["no_repeat_ngram"] == 4  # serve.py's decoding by default
     assert set(rep["safety"]["base"]["overall"]) and len(rep["safety"]["items"]) == 3
     md = (out / "report.md").read_text()
     for heading in ("## Held-out MedQuAD", "## General", "## Safety probes", "### Side by side"):

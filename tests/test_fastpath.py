@@ -148,6 +148,9 @@ def test_readme_performance_numbers_come_from_the_bench_results():
         f"| greedy decoding, batch 1, tokens/s | {gb('gen medlora', 'batch1_tok_per_s'):.1f} "
         f"({gb('gen medlora-int8', 'batch1_tok_per_s'):.1f} with `--int8`) | {gb('gen hf', 'batch1_tok_per_s'):.1f} | "
         f"{g['medlora']['batch1_x_hf']:.2f}× ({g['medlora-int8']['batch1_x_hf']:.2f}×) |",
+        f"| greedy decoding, batch 1, `--compile`, tokens/s | {gb('gen medlora+compile', 'batch1_tok_per_s'):.1f} "
+        f"({gb('gen medlora-int8+compile', 'batch1_tok_per_s'):.1f} with `--int8`) | {gb('gen hf', 'batch1_tok_per_s'):.1f} | "
+        f"{g['medlora+compile']['batch1_x_hf']:.2f}× ({g['medlora-int8+compile']['batch1_x_hf']:.2f}×) |",
         f"| greedy decoding, batch 16, tokens/s | {gb('gen medlora', 'batch16_tok_per_s'):.1f} | "
         f"{gb('gen hf', 'batch16_tok_per_s'):.1f} | {g['medlora']['batch16_x_hf']:.2f}× |",
         f"| prefill, 512-token prompt, tokens/s | {gb('gen medlora', 'prefill_tok_per_s'):.0f} | "

@@ -118,5 +118,10 @@ def test_compiled_decode_step_gives_the_eager_tokens():
         want = [s for s in generate_ids(eager, batch, cfg)]
         assert len({tuple(s) for s in want}) > 6
         assert [s for s in generate_ids(compiled, batch, cfg)] == want
+    got = []  # the HTTP server decodes on its own worker thread: the compiled step must work there too
+    t = __import__("threading").Thread(target=lambda: got.extend(generate_ids(compiled, rows, cfg)))
+    t.start()
+    t.join()
+    assert got == [s for s in generate_ids(eager, rows, cfg)]
     assert "decode_step" not in dict(compiled.named_modules())  # not a submodule: state_dict is unchanged
     assert compiled.state_dict().keys() == eager.state_dict().keys()

@@ -166,16 +166,17 @@ def test_replay_data_is_decontaminated_and_every_answer_passes_its_filters():
     refs = eval_prompts()
     recs = [json.loads(x) for x in REPLAY_DATA.read_text().splitlines()]
     assert len(recs) >= 60 and len({r["category"] for r in recs}) >= 3
+    accept = {p["prompt"]: p["accept"] for p in make_prompts(300, 0)[0]}  # same seed, same prompts
     for r in recs:
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert user in accept, user
         assert contamination(user, refs) is None, user
-        assert keep_answer(answer, True, []) is None, answer
+        assert keep_answer(answer, True, accept[user]) is None, answer  # right where there is a right answer
         assert r["source"].startswith("self-distilled from ")
-    prompts, _ = make_prompts(300, 0)
-    assert {r["messages"][0]["content"] for r in recs} <= {p["prompt"] for p in prompts}  # same seed, same prompts
     leaked, counts = make_prompts(5, 0, references=["Which city is the capital of Germany?"])
     assert counts["dropped_exact"] == 1 and all("Germany" not in p["prompt"] for p in leaked)
     assert keep_answer("The capital is Bonn.", True, ["berlin"]) == "wrong answer"
+    assert keep_answer("The answer is 27 - 20 = 10.", True, ["7"]) == "wrong answer"  # whole words: not "27"
     assert keep_answer("Berlin is the capital.", False, ["berlin"]) == "did not end"
     assert keep_answer("It is big and it is big and it is big.", True, []) == "repeated 4-gram"
     r = subprocess.run([sys.executable, "train.py", "--safety-data", "missing.jsonl"], cwd=ROOT,
