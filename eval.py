@@ -192,13 +192,12 @@ def main(argv=None) -> int:
             if part == "heldout":
                 # The rows as the run itself built its validation set: its max length and its policy for
                 # longer rows (trimmed answers by default), so perplexity covers every held-out row it saw.
-                max_len = (record or {}).get("max_seq_len", 1024)
-                exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len,
-                                                    long_rows=(record or {}).get("long_rows", "drop"))
+                max_len, policy = (record or {}).get("max_seq_len", 1024), (record or {}).get("long_rows", "drop")
+                exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len, long_rows=policy)
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
                 res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
                                  loss_rows=f"{len(exs)} of {len(inp['loss_rows'])} rows, at most {max_len} tokens, "
-                                           f"longer rows {(record or {}).get('long_rows', 'drop')}")
+                                           f"longer rows {policy}")
             res[part]["seconds"] = time.time() - t0
             print(f"[eval] {label} {part}: {len(inp['questions'])} prompts in {res[part]['seconds']:.0f}s", file=sys.stderr)
         return res
@@ -226,11 +225,14 @@ def main(argv=None) -> int:
 
     # ---- score ------------------------------------------------------------------------------------
     def answers_of(part: str) -> list[dict]:
-        """Every answer in full (the markdown shows them cut), so a report can be re-scored later."""
+        """Every answer in full (the markdown shows them cut) with what it is scored against (the
+        reference, or the record's accepted answers/keywords), so a report can be re-scored later."""
         qs = inputs[part]["questions"]
-        refs = inputs[part].get("refs") or [None] * len(qs)
-        return [{"prompt": q, "reference": ref, "base": b.text, "tuned": t.text, "base_ended": b.ended,
-                 "tuned_ended": t.ended} for q, ref, b, t in zip(qs, refs, base[part]["answers"], tuned[part]["answers"])]
+        given = inputs[part].get("records") or [{"reference": r} for r in inputs[part].get("refs", [])] or [{}] * len(qs)
+        keys = ("reference", "accept", "keywords", "kind", "category")
+        return [{"prompt": q, **{k: rec[k] for k in keys if k in rec}, "base": b.text, "tuned": t.text,
+                 "base_ended": b.ended, "tuned_ended": t.ended}
+                for q, rec, b, t in zip(qs, given, base[part]["answers"], tuned[part]["answers"], strict=True)]
 
     report: dict = {"models": {"base": base_info, "tuned": tuned_info}, "generation": gen.__dict__ | {"stop_ids": None},
                     "device": str(device), "precision": precision, "seed": args.seed,
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
             else:
                 cb = ev.score_general(base[part]["answers"], recs, None)
                 ct = ev.score_general(tuned[part]["answers"], recs, base[part]["answers"])
-            report[part] = {"base": cb, "tuned": ct}
+            report[part] = {"base": cb, "tuned": ct, "answers": answers_of(part)}
             md += [f"## Your prompts ({args.prompts})\n",
                    ev.table([(k, cb[k], ct.get(k)) for k in cb if isinstance(cb[k], (int, float))]),
                    "\n### Side by side\n", ev.side_by_side(inputs[part]["questions"], base[part]["answers"],

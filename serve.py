@@ -64,7 +64,11 @@ def build(args):
 
         print("[medlora] compiling the decode step (torch.compile; about a minute, once)...", file=sys.stderr)
         compile_decoding(model)
-        list(generate_ids(model, [tok.encode("Hello")], GenConfig(max_new_tokens=3), tok.pad_id))  # compile now
+        warm = [[tok.encode("Hello")]]  # compile now, not during the first answer
+        if getattr(args, "http", False) and getattr(args, "max_batch", 1) > 1:
+            warm.append([tok.encode("Hello"), tok.encode("Hello there, how are you")])  # the left-padded batch path
+        for prompts in warm:
+            list(generate_ids(model, prompts, GenConfig(max_new_tokens=3), tok.pad_id))
     args.adapter = adapter
     return model, tok, info
 

@@ -153,14 +153,21 @@ def score_reference_answers(answers: list[Answer], refs: list[str]) -> dict:
     }
 
 
-def contains_answer(text: str, accept: list[str]) -> bool:
+def contains_answer(text: str, accept: list[str] | str) -> bool:
     """Does `text` contain one of the accepted answers as a whole word (case-insensitive)?
-    Whole words: "7" is not in "117" or "27 - 20 = 10" (plain substring tests counted both)."""
+
+    Whole words: "7" is not in "117", "27 - 20 = 10", "0.7" or "7,000" (a plain substring test
+    counted them all); a word answer may take a plural ("whale" in "whales"). Empty answers never match.
+    """
     low = text.lower()
-    for a in accept:
-        a = a.lower()
-        left = r"(?<!\w)" if a[:1].isalnum() else ""  # a boundary only where the answer starts/ends in a word
-        right = r"(?!\w)" if a[-1:].isalnum() else ""
+    for a in [accept] if isinstance(accept, str) else accept:
+        a = a.strip().lower()
+        if not a:
+            continue
+        left = r"(?<!\w)" if a[0].isalnum() else ""  # a boundary only where the answer starts/ends in a word
+        left += r"(?<!\d[.,])" if a[0].isdigit() else ""  # not the tail of 0.7 or 1,7
+        right = (r"(?![.,]?\d)(?!\w)" if a[-1].isdigit() else r"(?:e?s)?(?!\w)" if a[-1].isalpha()
+                 else "")  # not the head of 7.5 or 7,000; plurals for words
         if re.search(left + re.escape(a) + right, low):
             return True
     return False

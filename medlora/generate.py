@@ -11,7 +11,9 @@ decode loop of gpt-fast and nanoGPT's `generate`, with a KV cache.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -116,25 +118,32 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
         if mask is not None:  # left padding: keep hiding the pad slots from every new token
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             step_mask = valid[:, None, None, :]
-        logits = decode_step(model)(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
+        logits = decoder(model)(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
 
 
+# Models whose decode step is compiled -> the compiled (unbound) forward. Kept beside the model, not
+# on it: a copy of the model (deepcopy, quantize_int8 on a copy) must not run the original's weights.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def compile_decoding(model: Llama) -> Llama:
-    """torch.compile the one-token decode step (prefill stays eager: one call per answer).
+    """torch.compile the one-token decode step of `model` (prefill stays eager: one call per answer).
 
     At batch 1 on a CPU a decode step is ~30 layers x ~15 small ops, and the Python dispatch
     between them costs as much as the arithmetic once weights are int8; the compiled step fuses
     them (bench/results: the `+compile` rows). `dynamic=True`: the cache grows by one slot per
-    step, so the step is compiled once for every length instead of once per length. The first
-    call compiles (about a minute on 2 cores); greedy tokens stay those of the eager model (test).
+    step, so one compiled graph serves all lengths. The first call compiles (about a minute on
+    2 cores; a left-padded batch compiles once more); greedy tokens stay the eager model's (test).
     """
-    model.decode_step = torch.compile(model.forward, dynamic=True)  # a function, not a submodule
+    _COMPILED[model] = torch.compile(type(model).forward, dynamic=True)  # the model is its first argument
     return model
 
 
-def decode_step(model: Llama):
-    return getattr(model, "decode_step", None) or model
+def decoder(model: Llama):
+    """What runs one decode step: the compiled forward after compile_decoding(model), else the model."""
+    fn = _COMPILED.get(model)
+    return partial(fn, model) if fn is not None else model
 
 
 class NgramBan:

@@ -27,6 +27,9 @@ def test_text_metrics():
     assert contains_answer("There are seven continents.", ["7", "seven"]) and contains_answer("It is 7.", ["7"])
     assert not contains_answer("27 - 20 = 10", ["7"]) and not contains_answer("129,117,127", ["7"])
     assert contains_answer("def is_even(n):", ["def "]) and contains_answer("Use O(n log n).", ["o(n log n)"])
+    assert not any(contains_answer(t, ["7"]) for t in ("0.7", "7.5", "7,000", "1,7"))
+    assert contains_answer("It is 7, I think.", "7") and contains_answer("Blue whales.", ["whale"])
+    assert not contains_answer("anything", ["", " "]) and not contains_answer("Parisian", ["paris"])
     noisy = paired_bootstrap([0.1, 0.5, 0.2, 0.4] * 5, [0.2, 0.4, 0.3, 0.3] * 5)
     assert noisy["lo"] < 0 < noisy["hi"]  # a difference that is not significant is not reported as one
 

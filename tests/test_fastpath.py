@@ -209,3 +209,34 @@ def test_recomputed_norms_and_swiglu_give_the_same_gradients_in_less_memory(ours
     assert abs(loss - loss0) <= 1e-6 * abs(loss0)
     assert torch.allclose(grads, grads0, rtol=1e-4, atol=1e-7)
     assert kept < {"fp32": 0.9, "bf16": 0.8}[precision] * kept0, (kept, kept0)
+
+
+def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monkeypatch):
+    """--grad-checkpoint recomputes whole blocks; the norms/SwiGLU recompute inside them is off (it
+    would only run them a third time). Same loss and gradients as without either."""
+    import medlora.model as M
+    from helpers import randomize_lora, tiny_model
+
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL_TARGETS))
+    randomize_lora(model)
+    model.train()
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    calls = []
+    real = M.checkpoint
+    monkeypatch.setattr(M, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    out = {}
+    for whole in (False, True):
+        model.gradient_checkpointing = whole
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        loss, n = batch_loss(model, ids, labels, "fp32")
+        (loss / n).backward()
+        out[whole] = (loss.item(), _grads(model), len(calls))
+    layers = model.config.num_hidden_layers
+    # Without: two norms + SwiGLU per block and the final norm, less the first norm (its input, the
+    # frozen embedding's output, needs no gradient). With: one per block and the final norm.
+    assert out[False][2] == 3 * layers and out[True][2] == layers + 1
+    assert abs(out[True][0] - out[False][0]) <= 1e-6 * abs(out[False][0])
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)

@@ -102,26 +102,33 @@ def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
 
 def test_compiled_decode_step_gives_the_eager_tokens():
     """serve.py --compile: the torch.compile'd decode step decodes exactly what the eager model does,
-    for one row and for a left-padded batch (the masked path). A tiny model keeps compiling short."""
+    for one row and for a left-padded batch (the masked path), on another thread too (the HTTP
+    worker's); it really compiled; a copy of the model decodes with its own weights. A tiny model
+    keeps compiling short."""
     import copy
+    import threading
 
     from helpers import tiny_model
+    from torch._dynamo.utils import counters
 
-    from medlora.generate import compile_decoding
+    from medlora.generate import compile_decoding, decoder
     from medlora.model import init_weights
 
     eager = init_weights(tiny_model(), seed=1, std=0.5)  # large weights: varied tokens, not one repeated
     compiled = compile_decoding(copy.deepcopy(eager))
     cfg = GenConfig(max_new_tokens=12, stop_ids={-1})
     rows = [[5, 9, 17, 3, 44, 2], [8, 1, 60]]
+    counters.clear()
     for batch in ([rows[0]], rows):
         want = [s for s in generate_ids(eager, batch, cfg)]
         assert len({tuple(s) for s in want}) > 6
         assert [s for s in generate_ids(compiled, batch, cfg)] == want
-    got = []  # the HTTP server decodes on its own worker thread: the compiled step must work there too
-    t = __import__("threading").Thread(target=lambda: got.extend(generate_ids(compiled, rows, cfg)))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile (not an eager fallback)
+    got = []
+    t = threading.Thread(target=lambda: got.extend(generate_ids(compiled, rows, cfg)))
     t.start()
     t.join()
     assert got == [s for s in generate_ids(eager, rows, cfg)]
-    assert "decode_step" not in dict(compiled.named_modules())  # not a submodule: state_dict is unchanged
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+    other = copy.deepcopy(compiled)  # a copy is a new model: eager until compiled itself
+    assert decoder(other) is other and decoder(compiled) is not compiled

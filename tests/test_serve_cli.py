@@ -28,15 +28,17 @@ def test_repl_commands(gguf_path):
     assert "You are medlora" in out and "commands:" in out
 
 
-def test_serve_defaults_to_no_repeat_4gram_and_eval_to_plain_greedy():
-    """serve.py's decoding default is the measured pick (docs/recipe/gen_settings.md); eval.py's stays
-    plain greedy, so its reports compare with every earlier one."""
+def test_serve_and_eval_default_to_no_repeat_4gram():
+    """serve.py's decoding default is the measured pick (docs/recipe/gen_settings.md), and eval.py
+    measures that same decoding (what users get); `--no-repeat-ngram 0` is plain greedy in both."""
     import eval as eval_cli
     import serve
 
     assert serve.build_parser().parse_args([]).no_repeat_ngram == 4
     assert serve.build_parser().parse_args(["--no-repeat-ngram", "0"]).no_repeat_ngram == 0
-    assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8")]).no_repeat_ngram == 0
+    assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8")]).no_repeat_ngram == 4
+    assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8"),
+                                "--no-repeat-ngram", "0"]).no_repeat_ngram == 0
 
 
 def test_bad_flags_fail_before_loading():

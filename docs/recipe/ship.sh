@@ -5,7 +5,8 @@
 #            examples three times (about 3 minutes on an H200; about 2.5 hours on a 2-core CPU);
 #   stage 2: a short pass over 900 MedQuAD rows + safety x2 + replay x4 from stage 1's best adapter,
 #            where safety and replay are a much larger share (about 30 minutes on a 2-core CPU);
-#   then eval.py on stage 1's held-out split (greedy, 512 new tokens) and the export.
+#   then eval.py on stage 1's held-out split (greedy with serve.py's no-repeat 4-gram rule, 512 new
+#   tokens) and the export.
 # The shipped adapter's own run record names the exact commands it came from (stage 1 ran on a GPU
 # as bench/gpu_recipe.sh, with the replay file given as --extra-data, before it became a default).
 set -euo pipefail
