@@ -18,5 +18,5 @@ python train.py --init-adapter runs/stage1/best_adapter --device "$DEV" --limit-
   --batch-size 8 --lr 2e-4 --epochs 1 --warmup-steps 10 --eval-every 60 --val-rows 100 --save-every 60 \
   --out runs/stage2
 python eval.py --adapter runs/stage2/best_adapter --run runs/stage1 --device "$DEV" --limit 100 --loss-rows 2000 \
-  --max-new-tokens 512 --batch-size 32 --out runs/stage2/eval
+  --max-new-tokens 512 --batch-size 32 --dtype bfloat16 --out runs/stage2/eval
 python -m medlora.export runs/stage2/best_adapter --out adapters/medlora-r8 --flat
