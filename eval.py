@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         """Every answer in full (the markdown shows them cut) with what it is scored against (the
         reference, or the record's accepted answers/keywords), so a report can be re-scored later."""
         qs = inputs[part]["questions"]
-        given = inputs[part].get("records") or [{"reference": r} for r in inputs[part].get("refs", [])] or [{}] * len(qs)
+        given = inputs[part].get("records") or [{"reference": r} for r in inputs[part]["refs"]]  # held-out: refs
         keys = ("reference", "accept", "keywords", "kind", "category")
         return [{"prompt": q, **{k: rec[k] for k in keys if k in rec}, "base": b.text, "tuned": t.text,
                  "base_ended": b.ended, "tuned_ended": t.ended}

@@ -17,6 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 
 
+_recompute_on = True  # False while a block checkpointed as a whole runs (a plain global: torch.compile reads it)
+
+
 def recompute(fn, *args: torch.Tensor) -> torch.Tensor:
     """fn(*args), keeping only `args` for the backward pass and running fn again there.
 
@@ -28,9 +31,6 @@ def recompute(fn, *args: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and _recompute_on and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)  # fn draws no random numbers
     return fn(*args)
-
-
-_recompute_on = True  # False while a block checkpointed as a whole runs (a plain global: torch.compile reads it)
 
 
 def _whole_block(block: nn.Module, *args):
