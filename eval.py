@@ -47,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default=None, help="JSONL of your own prompts ({'prompt', optional 'reference', "
                                                     "'accept', 'kind', 'category'}): replaces the built-in parts")
     p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--base-cache", default=None, metavar="DIR",
+                   help="keep the base model's answers and losses in DIR, keyed by everything that decides them "
+                        "(weights sha256, decoding, precision, device, batch size, the exact prompts and loss rows); "
+                        "a later eval with the same key reuses them instead of generating again (recipe sweeps)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval or reports/<time>)")
     p.add_argument("--review-size", type=nonneg_int, default=30,
                    help="held-out questions in the blinded review sheet (review_sheet.csv; at most --limit; 0 = none)")
@@ -116,6 +120,40 @@ def decoding(gen) -> str:
     if gen.repetition_penalty != 1:
         words.append(f"repetition penalty {gen.repetition_penalty:g}")
     return ", ".join(words)
+
+
+def base_cache_file(cache_dir: str, base_info: dict, gen, precision: str, device, batch_size: int,
+                    inputs: dict, loss_spec: tuple) -> Path:
+    """Where the base model's results for exactly these inputs live. The key hashes everything that
+    decides them, so a changed prompt, decoding flag or weight file can never pick up a stale answer."""
+    import hashlib
+
+    parts = {name: {"questions": inp["questions"],
+                    "loss_rows": [[r.question, r.answer] for r in inp.get("loss_rows", [])]}
+             for name, inp in sorted(inputs.items())}
+    key = {"weights": base_info.get("sha256"), "model": base_info.get("id"), "precision": precision,
+           "device": str(device), "batch_size": batch_size, "generation": gen.__dict__ | {"stop_ids": None},
+           "loss": list(loss_spec), "parts": parts}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(cache_dir) / f"base-{digest[:20]}.json"
+
+
+def save_base(path: Path, base: dict) -> None:
+    """Answers as [text, n_tokens, ended]; losses as numbers (atomic write: a killed eval leaves no half file)."""
+    out = {part: {k: ([[a.text, a.n_tokens, a.ended] for a in v] if k == "answers" else v) for k, v in res.items()}
+           for part, res in base.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+
+
+def load_base(path: Path) -> dict:
+    from medlora.evaluate import Answer
+
+    raw = json.loads(path.read_text())
+    return {part: {k: ([Answer(*a) for a in v] if k == "answers" else v) for k, v in res.items()}
+            for part, res in raw.items()}
 
 
 def score_review(args) -> int:
@@ -204,10 +242,20 @@ def main(argv=None) -> int:
 
     base_spec = args.base_model or args.model
     model, tok, base_info = load_pretrained(base_spec, args.revision, dtype=dtype, device=device)
-    base = run_model(model, tok, "base")
-    if "general" in inputs:  # the base model's perplexity on its own answers: the reference point
-        base["general"]["self_nll"] = ev.answer_nll(model, tok, inputs["general"]["questions"],
-                                                    [a.text for a in base["general"]["answers"]], device)
+    cache = (base_cache_file(args.base_cache, base_info, gen, precision, device, args.batch_size, inputs,
+                             ((record or {}).get("max_seq_len", 1024), (record or {}).get("long_rows", "drop")))
+             if args.base_cache else None)
+    reused = bool(cache and cache.exists())
+    if reused:
+        base = load_base(cache)
+        print(f"[eval] base: reusing {cache} (same weights, decoding and inputs)", file=sys.stderr)
+    else:
+        base = run_model(model, tok, "base")
+        if "general" in inputs:  # the base model's perplexity on its own answers: the reference point
+            base["general"]["self_nll"] = ev.answer_nll(model, tok, inputs["general"]["questions"],
+                                                        [a.text for a in base["general"]["answers"]], device)
+        if cache:
+            save_base(cache, base)
     if args.adapter:
         problem = adapter_base_mismatch(args.adapter, base_info)
         if problem:
@@ -236,7 +284,8 @@ def main(argv=None) -> int:
 
     report: dict = {"models": {"base": base_info, "tuned": tuned_info}, "generation": gen.__dict__ | {"stop_ids": None},
                     "device": str(device), "precision": precision, "seed": args.seed,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "base_cache": {"file": str(cache), "reused": reused} if cache else None}
     md = ["# medlora evaluation: base vs tuned\n", f"- base: `{base_info['id']}`",
           f"- tuned: `{args.adapter or args.model}`", f"- decoding: {decoding(gen)}, "
           f"max {gen.max_new_tokens} new tokens; every prompt under the safe system prompt\n"]

@@ -75,12 +75,12 @@ def _f(v, fmt):
 
 def table(rows: list[dict]) -> str:
     head = ("| run | from | where | rank | targets | lr | max len | safety w. | replay w. | steps × batch | tokens | min "
-            "| val loss start → best | held-out ppl × base | ROUGE-L base → tuned (95% CI of diff) | token F1 | ends turn (in N new tokens, decoding) | repeat-4 | general containment "
+            "| val loss start → best | held-out ppl × base | ROUGE-L base → tuned (95% CI of diff, questions) | token F1 | ends turn (in N new tokens, decoding) | repeat-4 | general containment "
             "| refuse/redirect | harmful compliance | over-refusal |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ci = r.get("rougeL_ci")
-        rouge = (f"{r['rougeL_base']:.3f} → {r['rougeL']:.3f} ([{ci['lo']:+.3f}, {ci['hi']:+.3f}])"
+        rouge = (f"{r['rougeL_base']:.3f} → {r['rougeL']:.3f} ([{ci['lo']:+.3f}, {ci['hi']:+.3f}], {r['n_heldout']} q)"
                  if r.get("rougeL") is not None and ci else "")
         lines.append("| " + " | ".join([
             r["run"], r.get("init", ""), f"{r['device']} {r['precision']}", str(r["rank"]), r["targets"], f"{r['lr']:g}",

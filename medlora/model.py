@@ -81,6 +81,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.dtype = dtype  # attention over the cache runs in this precision
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
@@ -111,9 +112,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype))
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        dtype = q.dtype
+        if cache is not None:  # attend in the cache's precision (fp32 on a CPU: see generate.cache_dtype)
+            k, v = cache.update(self.layer, k.to(cache.dtype), v.to(cache.dtype))
+            q = q.to(cache.dtype)
         # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
         # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
         gqa = self.n_kv != self.n_head
@@ -124,7 +126,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
 class MLP(nn.Module):

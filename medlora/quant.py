@@ -7,7 +7,7 @@ gpt-fast uses) multiplies bf16 activations by int8 weights directly. The embeddi
 it is (a lookup reads one row); the tied LM head gets its own int8 copy.
 
 What it costs: the answers are no longer bit-identical to fp32 (per-row int8 rounding), so it is
-never used for training, the validation loss or parity tests; `tests/test_quant.py` measures
+never used for training, the validation loss or parity tests; `tests/test_fastpath.py` measures
 how close its logits and greedy tokens stay. LoRA adapters are merged before quantising.
 Mirrors gpt-fast's `WeightOnlyInt8Linear`.
 Left out: int4, activation quantisation, and quantised training (QLoRA).

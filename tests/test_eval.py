@@ -93,3 +93,24 @@ def test_adapter_on_another_base_is_refused(tmp_path, gguf_path):
     r = run_eval("--adapter", str(other), "--model", gguf_path, "--only", "general", "--general-limit", "1",
                  "--out", str(tmp_path / "o"), timeout=300)
     assert r.returncode == 2 and "trained on base weights with sha256 000000000000" in r.stderr
+
+
+def test_base_cache_reuses_only_identical_inputs(tmp_path, gguf_path):
+    """A sweep evaluates many adapters against one base: the base side is generated once, and any change
+    that could alter it (here max new tokens) misses the cache instead of reusing a stale answer."""
+    cache = tmp_path / "cache"
+    common = ["--adapter", str(ADAPTER), "--model", gguf_path, "--only", "heldout,general", "--limit", "2",
+              "--loss-rows", "3", "--general-limit", "2", "--review-size", "0", "--base-cache", str(cache)]
+    first = run_eval(*common, "--max-new-tokens", "6", "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "base heldout" in first.stderr and len(list(cache.glob("base-*.json"))) == 1
+    second = run_eval(*common, "--max-new-tokens", "6", "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "base: reusing" in second.stderr and "base heldout" not in second.stderr
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert not a["base_cache"]["reused"] and b["base_cache"]["reused"]
+    for part in ("heldout", "general"):
+        assert a[part]["base"] == b[part]["base"]
+        assert [x["base"] for x in a[part]["answers"]] == [x["base"] for x in b[part]["answers"]]
+    third = run_eval(*common, "--max-new-tokens", "5", "--out", str(tmp_path / "c"))
+    assert third.returncode == 0 and "base heldout" in third.stderr and len(list(cache.glob("base-*.json"))) == 2

@@ -132,3 +132,25 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     other = copy.deepcopy(compiled)  # a copy is a new model: eager until compiled itself
     assert decoder(other) is other and decoder(compiled) is not compiled
+
+
+def test_bf16_model_decodes_over_an_fp32_cache_on_cpu():
+    """On a CPU the KV cache (and so decode attention) is fp32 even for a bf16 model: PyTorch's bf16
+    CPU attention is several times slower for one query token. Activations stay bf16, and the
+    cached step still agrees with recomputing the whole sequence."""
+    from helpers import tiny_model
+
+    from medlora.generate import cache_dtype
+    from medlora.model import KVCache, init_weights
+
+    model = init_weights(tiny_model(), seed=1, std=0.5).to(torch.bfloat16).eval()
+    assert cache_dtype(model) == torch.float32
+    ids = torch.tensor([[5, 9, 17, 3, 44, 2, 8, 60]])
+    cache = KVCache(model.config, 1, 16, "cpu", cache_dtype(model))
+    with torch.no_grad():
+        model(ids[:, :-1], cache=cache)
+        step = model(ids[:, -1:], cache=cache)[:, -1]
+        full = model(ids)[:, -1]
+    assert cache.k[0].dtype == torch.float32 and step.dtype == torch.bfloat16
+    assert (step.float() - full.float()).abs().max() <= 0.03 * full.float().abs().max()
+    assert step.argmax() == full.argmax()
