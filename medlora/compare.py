@@ -99,12 +99,55 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def val_curve(run: Path) -> tuple[list[float], list[float]]:
+    """(training tokens seen, validation loss) at each validation of a run, from its metrics.jsonl."""
+    seen, xs, ys = 0, [], []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            seen = rec.get("tokens", seen)
+        elif rec.get("kind") == "val":
+            xs.append(seen / 1e6)
+            ys.append(rec["val_loss"])
+    return xs, ys
+
+
+def plot(runs: list[Path], rows: list[dict], path: Path) -> None:
+    """Left: each run's validation loss against training tokens. Right: its eval.py numbers, one bar
+    group per run (held-out perplexity as a share of base, ROUGE-L, ends its turn, safety)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run, r in zip(runs, rows):
+        xs, ys = val_curve(run)
+        a.plot(xs, ys, marker="o", label=r["run"])
+    a.set(xlabel="training tokens (M)", ylabel="validation loss", title="validation loss (each run's own val rows)")
+    a.legend(fontsize=7)
+    metrics = [("ppl_ratio", "held-out ppl × base"), ("rougeL", "ROUGE-L"), ("ended", "ends turn"),
+               ("refuse", "refuse/redirect"), ("compliance", "harmful compliance")]
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        b.bar([j + i * width for j in range(len(metrics))], [r.get(k) or 0 for k, _ in metrics], width, label=r["run"])
+    b.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], [m for _, m in metrics], fontsize=8)
+    b.set(title="eval.py, tuned (see the table for each report's size)", ylim=(0, 1.05))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medlora.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (train.py --out)")
     p.add_argument("--out", default=None, help="also write the table (markdown) and rows (JSON, same name) here")
+    p.add_argument("--plot", default=None, help="also draw validation curves and eval numbers to this PNG")
     a = p.parse_args(argv)
     rows = [run_row(Path(r)) for r in a.runs]
+    if a.plot:
+        plot([Path(r) for r in a.runs], rows, Path(a.plot))
+        print(f"plot: {a.plot}", file=sys.stderr)
     md = table(rows)
     print(md)
     if a.out:

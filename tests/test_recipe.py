@@ -393,3 +393,14 @@ def test_recipe_table_is_generated_from_the_run_folders(tmp_path):
             assert row["refuse"] == rep["safety"]["tuned"]["overall"]["refuse_redirect_rate"]
     with pytest.raises(SystemExit, match="not a finished run folder"):
         run_row(tmp_path)
+
+
+def test_compare_plots_validation_curves_and_eval_numbers(tmp_path):
+    from medlora.compare import main, val_curve
+
+    run = ROOT / "docs" / "runs" / "gpu-trim"
+    xs, ys = val_curve(run)
+    assert len(xs) == len(ys) >= 2 and xs == sorted(xs) and ys[-1] < ys[0]  # tokens grow, loss fell
+    png = tmp_path / "sweep.png"
+    assert main([str(run), str(ROOT / "docs" / "runs" / "cpu-stage2"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
