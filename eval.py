@@ -49,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--base-cache", default=None, metavar="DIR",
                    help="keep the base model's answers and losses in DIR, keyed by everything that decides them "
-                        "(weights sha256, decoding, precision, device, batch size, the exact prompts and loss rows); "
-                        "a later eval with the same key reuses them instead of generating again (recipe sweeps)")
+                        "(medlora's code, weights sha256, decoding, precision, device, batch size, the exact prompts "
+                        "and loss rows); a later eval with the same key reuses them instead of generating again "
+                        "(recipe sweeps)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval or reports/<time>)")
     p.add_argument("--review-size", type=nonneg_int, default=30,
                    help="held-out questions in the blinded review sheet (review_sheet.csv; at most --limit; 0 = none)")
@@ -125,13 +126,15 @@ def decoding(gen) -> str:
 def base_cache_file(cache_dir: str, base_info: dict, gen, precision: str, device, batch_size: int,
                     inputs: dict, loss_spec: tuple) -> Path:
     """Where the base model's results for exactly these inputs live. The key hashes everything that
-    decides them, so a changed prompt, decoding flag or weight file can never pick up a stale answer."""
+    decides them, so a changed prompt, decoding flag, weight file or line of medlora's code (the
+    decoding and the loss live there) can never pick up a stale answer."""
     import hashlib
 
     parts = {name: {"questions": inp["questions"],
                     "loss_rows": [[r.question, r.answer] for r in inp.get("loss_rows", [])]}
              for name, inp in sorted(inputs.items())}
-    key = {"weights": base_info.get("sha256"), "model": base_info.get("id"), "precision": precision,
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted((ROOT / "medlora").glob("*.py")))).hexdigest()
+    key = {"code": code, "weights": base_info.get("sha256"), "model": base_info.get("id"), "precision": precision,
            "device": str(device), "batch_size": batch_size, "generation": gen.__dict__ | {"stop_ids": None},
            "loss": list(loss_spec), "parts": parts}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
