@@ -224,6 +224,10 @@ def main(argv=None) -> int:
                 inputs[part] = {"records": recs, "questions": [r["prompt"] for r in recs]}
 
     # ---- run each model over the inputs -------------------------------------------------------
+    # The held-out loss rows as the run itself built its validation set: its max length and its policy for
+    # longer rows (trimmed answers by default), so perplexity covers every held-out row it saw.
+    max_len, policy = (record or {}).get("max_seq_len", 1024), (record or {}).get("long_rows", "drop")
+
     def run_model(model, tok, label: str) -> dict:
         res: dict[str, dict] = {}
         for part, inp in inputs.items():
@@ -231,9 +235,6 @@ def main(argv=None) -> int:
             res[part] = {"answers": ev.answer_all(model, tok, inp["questions"], gen, args.batch_size,
                                                   progress=f"{label} {part}")}
             if part == "heldout":
-                # The rows as the run itself built its validation set: its max length and its policy for
-                # longer rows (trimmed answers by default), so perplexity covers every held-out row it saw.
-                max_len, policy = (record or {}).get("max_seq_len", 1024), (record or {}).get("long_rows", "drop")
                 exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len, long_rows=policy)
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
                 res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
@@ -246,8 +247,7 @@ def main(argv=None) -> int:
     base_spec = args.base_model or args.model
     model, tok, base_info = load_pretrained(base_spec, args.revision, dtype=dtype, device=device)
     cache = (base_cache_file(args.base_cache, base_info, gen, precision, device, args.batch_size, inputs,
-                             ((record or {}).get("max_seq_len", 1024), (record or {}).get("long_rows", "drop")))
-             if args.base_cache else None)
+                             (max_len, policy)) if args.base_cache else None)
     reused = bool(cache and cache.exists())
     if reused:
         base = load_base(cache)

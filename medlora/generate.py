@@ -127,8 +127,8 @@ def cache_dtype(model: Llama) -> torch.dtype:
     to 7x (batch 16, 600 cached slots) the fp32 time, measured; 30 layers of that were a quarter of
     an int8 decode step. A bf16 cache converted per step costs nearly as much, so the cache is kept
     in fp32 (twice the bytes; 46 KB per slot and row for SmolLM-135M)."""
-    dtype = model.model.embed_tokens.weight.dtype  # the activation dtype (the head may be int8)
-    return torch.float32 if model.model.embed_tokens.weight.device.type == "cpu" else dtype
+    w = model.model.embed_tokens.weight  # its dtype is the activation dtype (the head may be int8)
+    return torch.float32 if w.device.type == "cpu" else w.dtype
 
 
 # Models whose decode step is compiled -> the compiled (unbound) forward. Kept beside the model, not
