@@ -53,11 +53,15 @@ def build(args):
         print(f"[medlora] adapter: {adapter} (merged){note}", file=sys.stderr)
     else:
         print("[medlora] no adapter: the plain base model (--base-only)", file=sys.stderr)
-    if getattr(args, "int8", False):
-        from medlora.quant import quantize_int8
+    if getattr(args, "int8", False) or getattr(args, "int4", False):
+        from medlora.quant import quantize_int4, quantize_int8
 
-        quantize_int8(model)  # after merging: the adapter is inside the int8 weights
-        print("[medlora] int8 weights (faster CPU decoding; answers may differ slightly from full precision)",
+        kind = "int4" if getattr(args, "int4", False) else "int8"
+        try:  # after merging: the adapter is inside the quantised weights
+            (quantize_int4 if kind == "int4" else quantize_int8)(model)
+        except RuntimeError as e:
+            raise SystemExit(f"error: --{kind}: {e}") from None
+        print(f"[medlora] {kind} weights (faster CPU decoding; answers may differ slightly from full precision)",
               file=sys.stderr)
     if getattr(args, "compile", False):
         from medlora.generate import compile_decoding, generate_ids
@@ -163,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: the shipped adapters/medlora-r8)")
     p.add_argument("--base-only", action="store_true", help="the plain base model, without the default adapter")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only decoding: ~2x faster on a CPU at batch 1 "
-                                                       "(bench/results), answers may differ slightly")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--int8", action="store_true", help="int8 weight-only decoding: ~2x faster on a CPU at batch 1 "
+                                                           "(bench/results), answers may differ slightly")
+    quant.add_argument("--int4", action="store_true", help="int4 layers (groups of 32, as llama.cpp's Q4_1) and an "
+                                                           "int8 head: faster again on a CPU at batch 1 (bench/results); "
+                                                           "CPU only, answers may differ slightly")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step at startup (about a "
                                                           "minute): faster answers, same tokens (bench/results)")
     add_http_flags(p)

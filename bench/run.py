@@ -137,19 +137,25 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
             jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec},
                          before_root))
         jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
+        if cfg.extras:  # train.py --compile
+            jobs.append(("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
+                                                               "compile": True}, ROOT))
     if cfg.extras and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
                  ("train", "medlora bf16 grad-checkpoint", {**common, "impl": "medlora", "precision": "bf16", "grad_checkpoint": True}, ROOT),
                  ("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT)]
+    # The matmul peak again after training: on this shared machine one reading was 217 GFLOP/s for a
+    # bf16 shape that read 429 in the previous run; the best of both is the ceiling FLOP utilisation uses.
+    jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
     gen = {**base, "new_tokens": cfg.new_tokens, "batch_sizes": cfg.gen_batch_sizes, "repeats": cfg.repeats,
            "threads": cfg.threads}
-    impls = ["medlora", "medlora-int8", "hf"] + (["llamacpp"] if base.get("gguf") else [])
+    impls = ["medlora", "medlora-int8", "medlora-int4", "hf"] + (["llamacpp"] if base.get("gguf") else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
     if cfg.extras:  # the compiled decode step (serve.py --compile); compiling takes a minute or two per job
         jobs += [("gen", f"gen {impl}+compile", {**gen, "impl": impl, "compile": True}, ROOT)
-                 for impl in ("medlora", "medlora-int8")]
+                 for impl in ("medlora", "medlora-int8", "medlora-int4")]
     for _, label, spec, _ in jobs:
         spec["label"] = label
     return jobs
@@ -159,11 +165,17 @@ def _ratio(a, b):
     return None if not a or not b else a / b
 
 
+def best_matmul(results: dict) -> dict:
+    """Per shape, the best GFLOP/s of the matmul jobs (before and after training)."""
+    runs = [r["gflops"] for k, r in results.items() if k.startswith("matmul") and "gflops" in r]
+    return {k: max(r.get(k, 0.0) for r in runs) for k in (runs[0] if runs else {})}
+
+
 def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
     sup = sum(inputs["supervised_per_batch"][cfg.warmup:])  # the timed batches only
     flops = train_flops(inputs["config"], inputs["row_lengths"][cfg.warmup:], sup, cfg.rank)
-    mm = results.get("matmul", {}).get("gflops", {})
-    s: dict = {"train": {}, "gen": {}}
+    mm = best_matmul(results)
+    s: dict = {"train": {}, "gen": {}, "matmul_gflops": mm}
     for label, r in results.items():
         if not label.startswith(("medlora", "hf")) or "error" in r:
             continue
@@ -171,11 +183,11 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         achieved = flops / (r["tokens"] / r["tok_per_s"]) / 1e9
         r["gflops_per_s"] = achieved
         r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
-    for prec in cfg.precisions:
-        ours, hf = results.get(f"medlora {prec}", {}), results.get(f"hf+peft {prec}", {})
+    for prec, ours_label in [(p, f"medlora {p}{c}") for p in cfg.precisions for c in ("", " compile")]:
+        ours, hf = results.get(ours_label, {}), results.get(f"hf+peft {prec}", {})
         if "error" in ours or "error" in hf or not ours or not hf:
             continue
-        s["train"][prec] = {"throughput_x": _ratio(ours["tok_per_s"], hf["tok_per_s"]),
+        s["train"][ours_label.removeprefix("medlora ")] = {"throughput_x": _ratio(ours["tok_per_s"], hf["tok_per_s"]),
                             "step_time_x": _ratio(ours["step_s"], hf["step_s"]),
                             "train_peak_memory_x": _ratio(ours["train_peak_mb"], hf["train_peak_mb"]),
                             "total_peak_memory_x": _ratio(max(ours["train_peak_mb"], ours["load_peak_mb"]),
@@ -183,7 +195,8 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
                             "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
                             "flop_util": ours.get("flop_util")}
     hf = results.get("gen hf", {})
-    for impl in ("medlora", "medlora-int8", "medlora+compile", "medlora-int8+compile", "llamacpp"):
+    for impl in ("medlora", "medlora-int8", "medlora-int4", "medlora+compile", "medlora-int8+compile",
+                 "medlora-int4+compile", "llamacpp"):
         r = results.get(f"gen {impl}", {})
         if not r or "error" in r or "error" in hf:
             continue
@@ -194,11 +207,13 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
     ours = results.get("gen medlora", {})
     if ours and hf and "error" not in ours and "error" not in hf:
         s["gen"]["greedy_tokens_equal_hf"] = ours["greedy_tokens"] == hf["greedy_tokens"]
-    q = results.get("gen medlora-int8", {})
-    if ours and q and "error" not in q and "error" not in ours:
-        a, b = ours["greedy_tokens"], q["greedy_tokens"]
-        s["gen"]["int8_first_divergence"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    for impl in ("medlora", "medlora-int8"):  # compiling must not change a single greedy token
+    for impl in ("medlora-int8", "medlora-int4", "llamacpp"):  # how long each follows the full-precision tokens
+        q = results.get(f"gen {impl}", {})
+        if ours and q and "error" not in q and "error" not in ours:
+            a, b = ours["greedy_tokens"], q["greedy_tokens"]
+            key = impl.removeprefix("medlora-") + "_first_divergence"
+            s["gen"][key] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    for impl in ("medlora", "medlora-int8", "medlora-int4"):  # compiling must not change a single greedy token
         eager, comp = results.get(f"gen {impl}", {}), results.get(f"gen {impl}+compile", {})
         if eager and comp and "error" not in eager and "error" not in comp:
             s["gen"][f"{impl}_compiled_tokens_equal_eager"] = eager["greedy_tokens"] == comp["greedy_tokens"]
@@ -229,14 +244,15 @@ def markdown(record: dict) -> str:
             lines.append(f"| {label} | {r['tok_per_s']:.0f} | {r['step_s']:.2f} | {r['train_peak_mb']:.0f} | "
                          f"{max(r['train_peak_mb'], r['load_peak_mb']):.0f} | {_f(r.get('gflops_per_s'))} | "
                          f"{_f(r.get('flop_util'), '{:.0%}')} | {r['first_loss']:.4f} |")
-    lines += ["", "| precision | throughput × HF | step time × HF | training peak memory × HF | total peak × HF | FLOP util |",
+    lines += ["", "| medlora run | throughput × HF | step time × HF | training peak memory × HF | total peak × HF | FLOP util |",
               "|---|---:|---:|---:|---:|---:|"]
     for prec, t in s["train"].items():
         lines.append(f"| {prec} | {t['throughput_x']:.2f} | {t['step_time_x']:.2f} | {t['train_peak_memory_x']:.2f} | "
                      f"{t['total_peak_memory_x']:.2f} | {_f(t['flop_util'], '{:.0%}')} |")
-    mm = res.get("matmul", {}).get("gflops", {})
+    mm = s.get("matmul_gflops", {})
     if mm:
-        lines += ["", "Matmul GFLOP/s at model shapes: " + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()) + "."]
+        lines += ["", "Matmul GFLOP/s at model shapes (best of the runs before and after training): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in mm.items()) + "."]
     lines += ["", "## Generation (greedy, no early stop)", "",
               "| run | batch 1 tok/s | " + " | ".join(f"batch {b} tok/s" for b in cfg["gen_batch_sizes"][1:]) +
               " | prefill tok/s | peak RSS (MB) |", "|---|" + "---:|" * (len(cfg["gen_batch_sizes"]) + 2)]
@@ -251,8 +267,9 @@ def markdown(record: dict) -> str:
     for impl, g in s["gen"].items():
         if isinstance(g, dict):
             lines.append(f"\n{impl}: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if v is not None))
-    for k in ("greedy_tokens_equal_hf", "int8_first_divergence", "medlora_compiled_tokens_equal_eager",
-              "medlora-int8_compiled_tokens_equal_eager"):
+    for k in ("greedy_tokens_equal_hf", "int8_first_divergence", "int4_first_divergence", "llamacpp_first_divergence",
+              "medlora_compiled_tokens_equal_eager", "medlora-int8_compiled_tokens_equal_eager",
+              "medlora-int4_compiled_tokens_equal_eager"):
         if k in s["gen"]:
             lines.append(f"\n{k}: {s['gen'][k]}")
     return "\n".join(lines) + "\n"
@@ -329,6 +346,9 @@ def main(argv=None) -> int:
                                  f"b1 {r['batch1_tok_per_s']:.1f} tok/s" if "batch1_tok_per_s" in r else "ok")
         tqdm.write(f"[bench] {label}: {msg}")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                              "medlora", ":(glob)bench/*.py"], capture_output=True, text=True).stdout.strip()
+    commit += "+uncommitted changes" if changed else ""  # measured code != HEAD: say so in the record
     record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
               "machine": machine(), "versions": versions(), "config": asdict(cfg),
               "inputs": {k: v for k, v in inputs.items() if k != "row_lengths"}, "results": results}

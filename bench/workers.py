@@ -81,6 +81,10 @@ def _medlora_train(spec: dict):
     model, _, _ = load_pretrained(spec["folder"], dtype=torch.bfloat16 if bf16_weights else torch.float32, verbose=False)
     inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
     model.gradient_checkpointing = spec.get("grad_checkpoint", False)
+    if spec.get("compile"):
+        from medlora.trainer import compile_blocks
+
+        compile_blocks(model)  # compiled by the first warm-up step
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -152,10 +156,10 @@ def _medlora_gen(spec: dict):
 
     model, tok, _ = load_pretrained(spec["folder"], verbose=False)
     model.eval()
-    if spec["impl"] == "medlora-int8":
-        from medlora.quant import quantize_int8
+    if spec["impl"] in ("medlora-int8", "medlora-int4"):
+        from medlora.quant import quantize_int4, quantize_int8
 
-        quantize_int8(model)
+        (quantize_int8 if spec["impl"] == "medlora-int8" else quantize_int4)(model)
     if spec.get("compile"):
         from medlora.generate import compile_decoding
 
@@ -212,7 +216,8 @@ def gen(spec: dict) -> dict:
     torch.manual_seed(0)
     data = torch.load(spec["batches"])
     t0 = time.perf_counter()
-    run = {"medlora": _medlora_gen, "medlora-int8": _medlora_gen, "hf": _hf_gen, "llamacpp": _llamacpp_gen}[spec["impl"]](spec)
+    run = {"medlora": _medlora_gen, "medlora-int8": _medlora_gen, "medlora-int4": _medlora_gen, "hf": _hf_gen,
+           "llamacpp": _llamacpp_gen}[spec["impl"]](spec)
     load_s, load_peak_mb = time.perf_counter() - t0, _status_mb("VmHWM")
     reset_peak()
     n = spec["new_tokens"]

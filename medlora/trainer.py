@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; LoRA master weights stay fp32)
     nan_policy: str = "stop"  # stop | skip
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (compile_blocks)
 
     def __post_init__(self) -> None:
         checks = {
@@ -77,6 +78,9 @@ class TrainConfig:
                 raise ConfigError(f"{flag}: invalid value ({getattr(self, flag[2:].replace('-', '_'))})")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.compile and self.gradient_checkpointing:
+            raise ConfigError("--compile and --grad-checkpoint: pick one (a compiled block already keeps fewer "
+                              "activations; checkpointing a compiled block is not supported)")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"--dtype for training must be fp32 or bf16, got {self.precision!r}")
         if self.nan_policy not in ("stop", "skip"):
@@ -138,6 +142,21 @@ def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = model(ids, hidden_only=True)
         return head_loss(model, hidden, labels)
+
+
+def compile_blocks(model: Llama) -> None:
+    """`--compile`: torch.compile every transformer block in place (names and state_dict keys unchanged).
+
+    Inductor fuses each block's elementwise chain (norms, rotary, SwiGLU, residuals, LoRA's adds) and
+    picks what to keep for the backward pass itself; the matmuls and attention stay the same kernels.
+    Measured on 2 CPU cores, 8 x <=256-token MedQuAD batches, one process each, alternating (the
+    bench's `compile` rows): fp32 ~240 -> ~270 tokens/s and peak memory 4.4 -> 2.9 GB; bf16 ~405 ->
+    ~430 tokens/s, 2.5 -> 1.9 GB. Costs ~30 s of compiling at the first step (and once more for the
+    first no-grad validation). `dynamic=True`: batch lengths vary, one graph serves them all; the 30
+    blocks share it. Same loss and gradients as eager within fp32 rounding (tests/test_fastpath.py).
+    """
+    for block in model.model.layers:
+        block.compile(dynamic=True)
 
 
 def supervised_tokens(micro: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -284,6 +303,8 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
     if not params:
         raise ConfigError("no LoRA parameters to train (inject LoRA first)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        compile_blocks(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     lengths = [len(e.ids) for e in ds.train]
     global_batch = cfg.batch_size * dist.world_size  # rows per micro-batch, over all ranks

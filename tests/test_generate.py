@@ -132,14 +132,16 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     other = copy.deepcopy(compiled)  # a copy is a new model: eager until compiled itself
     assert decoder(other) is other and decoder(compiled) is not compiled
-    # An int8 model: bf16 activations, fp32 attention; compiled fusion must round as eager does.
-    from medlora.quant import int8_supported, quantize_int8
+    # Int8 and int4 models: bf16 activations, fp32 attention; compiled fusion must round as eager does.
+    # (In this tiny model down_proj's 48 inputs are no multiple of 32: int4 keeps it int8.)
+    from medlora.quant import int4_supported, int8_supported, quantize_int4, quantize_int8
 
-    if int8_supported():
-        q_eager = quantize_int8(copy.deepcopy(eager))
-        q_compiled = compile_decoding(copy.deepcopy(q_eager))
-        want = [s for s in generate_ids(q_eager, rows, cfg)]
-        assert [s for s in generate_ids(q_compiled, rows, cfg)] == want
+    for quantize, supported in ((quantize_int8, int8_supported()), (quantize_int4, int4_supported())):
+        if supported:
+            q_eager = quantize(copy.deepcopy(eager))
+            q_compiled = compile_decoding(copy.deepcopy(q_eager))
+            want = [s for s in generate_ids(q_eager, rows, cfg)]
+            assert [s for s in generate_ids(q_compiled, rows, cfg)] == want
 
 
 def test_bf16_model_decodes_over_an_fp32_cache_on_cpu():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -46,9 +48,13 @@ def test_bad_flags_fail_before_loading():
     assert r.returncode == 2 and "max-new-tokens" in r.stderr
 
 
-def test_int8_prompt_mode(gguf_path):
-    """--int8 quantises after merging the default adapter and still answers (tests/test_fastpath.py
-    checks how close int8 stays to full precision)."""
-    r = run(["--model", gguf_path, "--int8", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantised_prompt_mode(gguf_path, kind):
+    """--int8 / --int4 quantise after merging the default adapter and still answer (tests/test_fastpath.py
+    checks how close each stays to full precision); the two flags exclude each other."""
+    r = run(["--model", gguf_path, f"--{kind}", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"])
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout and "int8 weights" in r.stderr
+    assert "Paris" in r.stdout and f"{kind} weights" in r.stderr
+    if kind == "int4":
+        r = run(["--int8", "--int4", "--prompt", "x"])
+        assert r.returncode == 2 and "not allowed with argument" in r.stderr

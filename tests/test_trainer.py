@@ -130,6 +130,7 @@ def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
 @pytest.mark.parametrize("args,msg", [
     (["--rank", "0"], "--rank"), (["--lr", "-1"], "--lr"), (["--targets", "q_proj,foo"], "unknown module"),
     (["--batch-size", "0"], "--batch-size"), (["--resume"], "--resume needs --out"),
+    (["--compile", "--grad-checkpoint"], "--compile and --grad-checkpoint"),
 ])
 def test_bad_flags_fail_fast(args, msg):
     r = cli(*args, timeout=120)
