@@ -88,16 +88,21 @@ def test_prefill_head_on_last_position_equals_full_logits(ours):
     assert torch.allclose(full, last, atol=1e-4, rtol=1e-5)
 
 
-def test_int8_decoding_stays_close_to_fp32(ours):
-    """Int8 weights change rounding, not behaviour: teacher-forced next-token choices agree with
-    fp32 on >= 90% of positions of a real answer, and greedy decoding starts the same way."""
-    from medlora.quant import int8_supported, quantize_int8
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantised_decoding_stays_close_to_fp32(ours, kind):
+    """Int8 weights, or int4 layers (groups of 32, as llama.cpp's Q4_1) with an int8 head, change
+    rounding, not behaviour: teacher-forced next-token choices agree with fp32 on >= 90% of a real
+    answer's positions (95% / 96% measured; 79% when the int4 head was int4 too) and greedy decoding
+    starts the same way; the original model is untouched."""
+    from medlora import quant
 
-    if not int8_supported():
-        pytest.skip("this PyTorch build has no _weight_int8pack_mm")
+    if not (quant.int8_supported() and (kind == "int8" or quant.int4_supported())):
+        pytest.skip(f"this PyTorch build has no {kind} weight-only CPU kernel")
     model, tok = ours
     ids = torch.tensor([tok.encode_chat(row_messages(QUESTION, ANSWER))])
-    q = quantize_int8(copy.deepcopy(model))
+    q = (quant.quantize_int8 if kind == "int8" else quant.quantize_int4)(copy.deepcopy(model))
+    layer = quant.Int8Linear if kind == "int8" else quant.Int4Linear
+    assert isinstance(q.lm_head, quant.Int8Linear) and isinstance(q.model.layers[0].mlp.down_proj, layer)
     with torch.no_grad():
         a, b = model(ids)[0].argmax(-1), q(ids)[0].float().argmax(-1)
     agree = (a == b).float().mean().item()
@@ -107,31 +112,7 @@ def test_int8_decoding_stays_close_to_fp32(ours):
     ref = [s[0] for s in generate_ids(model, [prompt], cfg)]
     got = [s[0] for s in generate_ids(q, [prompt], cfg)]
     assert got[:4] == ref[:4]
-    assert q.lm_head.weight.dtype == torch.int8 and model.lm_head.weight.dtype == torch.float32  # original untouched
-
-
-def test_int4_decoding_stays_close_to_fp32(ours):
-    """Int4 layers (groups of 32, as llama.cpp's Q4_1) with an int8 head keep the model's behaviour:
-    teacher-forced next-token choices agree with fp32 on >= 90% of a real answer's positions (96%
-    measured; 79% when the head was int4 too) and greedy decoding starts the same way."""
-    from medlora.quant import Int4Linear, Int8Linear, int4_supported, quantize_int4
-
-    if not int4_supported():
-        pytest.skip("this PyTorch build has no _weight_int4pack_mm_for_cpu")
-    model, tok = ours
-    ids = torch.tensor([tok.encode_chat(row_messages(QUESTION, ANSWER))])
-    q = quantize_int4(copy.deepcopy(model))
-    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.model.layers[0].mlp.down_proj, Int4Linear)
-    with torch.no_grad():
-        a, b = model(ids)[0].argmax(-1), q(ids)[0].float().argmax(-1)
-    agree = (a == b).float().mean().item()
-    assert agree >= 0.9, agree
-    prompt = tok.encode_chat(row_messages(QUESTION), add_generation_prompt=True)
-    cfg = GenConfig(max_new_tokens=12)
-    ref = [s[0] for s in generate_ids(model, [prompt], cfg)]
-    got = [s[0] for s in generate_ids(q, [prompt], cfg)]
-    assert got[:4] == ref[:4]
-    assert model.lm_head.weight.dtype == torch.float32  # the original is untouched
+    assert model.lm_head.weight.dtype == torch.float32  # original untouched
 
 
 def test_int4_reproduces_weights_already_on_a_4bit_grid():
