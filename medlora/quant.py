@@ -59,7 +59,8 @@ class Int4Linear(nn.Module):
         offset = (lo + 8 * scale).to(torch.bfloat16).float()
         q = torch.round((w - offset[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [n, k/2] uint8
-        self.register_buffer("scale_offset", torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        pairs = torch.stack([scale, offset], -1).transpose(0, 1)  # [k/group, n, 2]: the kernel's layout
+        self.register_buffer("scale_offset", pairs.contiguous().to(torch.bfloat16))
         self.group, self.in_features, self.out_features = group, k, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,7 @@ def int8_supported() -> bool:
 
 
 def int4_supported() -> bool:
+    """The int4 CPU kernels (packing and matmul) exist in this PyTorch build."""
     try:
         q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 32, dtype=torch.int32), 1)
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), q, 32,
