@@ -149,10 +149,10 @@ def compile_blocks(model: Llama) -> None:
 
     Inductor fuses each block's elementwise chain (norms, rotary, SwiGLU, residuals, LoRA's adds) and
     picks what to keep for the backward pass itself; the matmuls and attention stay the same kernels.
-    Measured on 2 CPU cores, 8 x <=256-token MedQuAD batches, one process each, alternating (the
-    bench's `compile` rows): fp32 ~240 -> ~270 tokens/s and peak memory 4.4 -> 2.9 GB; bf16 ~405 ->
-    ~430 tokens/s, 2.5 -> 1.9 GB. Costs ~30 s of compiling at the first step (and once more for the
-    first no-grad validation). `dynamic=True`: batch lengths vary, one graph serves them all; the 30
+    Measured on 2 CPU cores, 8 x <=256-token MedQuAD batches (the bench's `compile` rows, two runs):
+    fp32 +9-12% tokens/s and peak memory 4.2-4.5 -> 2.8 GB; bf16 +14-16%, 2.5 -> 1.9 GB (the eager
+    step's peak grows with heap fragmentation; the compiled one allocates fewer, larger buffers).
+    Costs ~30 s of compiling at the first step (and once more for the first no-grad validation). `dynamic=True`: batch lengths vary, one graph serves them all; the 30
     blocks share it. Same loss and gradients as eager within fp32 rounding (tests/test_fastpath.py).
     """
     for block in model.model.layers:
