@@ -53,10 +53,10 @@ def build(args):
         print(f"[medlora] adapter: {adapter} (merged){note}", file=sys.stderr)
     else:
         print("[medlora] no adapter: the plain base model (--base-only)", file=sys.stderr)
-    if getattr(args, "int8", False) or getattr(args, "int4", False):
+    kind = "int4" if getattr(args, "int4", False) else "int8" if getattr(args, "int8", False) else None
+    if kind:
         from medlora.quant import quantize_int4, quantize_int8
 
-        kind = "int4" if getattr(args, "int4", False) else "int8"
         try:  # after merging: the adapter is inside the quantised weights
             (quantize_int4 if kind == "int4" else quantize_int8)(model)
         except RuntimeError as e:

@@ -126,6 +126,10 @@ def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT) -> dict
     return json.loads(lines[-1][6:])
 
 
+# medlora's decoders (serve.py flags none / --int8 / --int4), each also measured compiled (--compile).
+DECODERS = ("medlora", "medlora-int8", "medlora-int4")
+
+
 def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tuple[str, str, dict, Path]]:
     """(job, label, spec, medlora root) in the order they run."""
     common = {**base, "rank": cfg.rank, "dropout": cfg.dropout, "warmup": cfg.warmup, "steps": cfg.steps,
@@ -150,12 +154,12 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
     gen = {**base, "new_tokens": cfg.new_tokens, "batch_sizes": cfg.gen_batch_sizes, "repeats": cfg.repeats,
            "threads": cfg.threads}
-    impls = ["medlora", "medlora-int8", "medlora-int4", "hf"] + (["llamacpp"] if base.get("gguf") else [])
+    impls = [*DECODERS, "hf"] + (["llamacpp"] if base.get("gguf") else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
     if cfg.extras:  # the compiled decode step (serve.py --compile); compiling takes a minute or two per job
         jobs += [("gen", f"gen {impl}+compile", {**gen, "impl": impl, "compile": True}, ROOT)
-                 for impl in ("medlora", "medlora-int8", "medlora-int4")]
+                 for impl in DECODERS]
     for _, label, spec, _ in jobs:
         spec["label"] = label
     return jobs
@@ -187,16 +191,16 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         ours, hf = results.get(ours_label, {}), results.get(f"hf+peft {prec}", {})
         if "error" in ours or "error" in hf or not ours or not hf:
             continue
-        s["train"][ours_label.removeprefix("medlora ")] = {"throughput_x": _ratio(ours["tok_per_s"], hf["tok_per_s"]),
-                            "step_time_x": _ratio(ours["step_s"], hf["step_s"]),
-                            "train_peak_memory_x": _ratio(ours["train_peak_mb"], hf["train_peak_mb"]),
-                            "total_peak_memory_x": _ratio(max(ours["train_peak_mb"], ours["load_peak_mb"]),
-                                                          max(hf["train_peak_mb"], hf["load_peak_mb"])),
-                            "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
-                            "flop_util": ours.get("flop_util")}
+        s["train"][ours_label.removeprefix("medlora ")] = {
+            "throughput_x": _ratio(ours["tok_per_s"], hf["tok_per_s"]),
+            "step_time_x": _ratio(ours["step_s"], hf["step_s"]),
+            "train_peak_memory_x": _ratio(ours["train_peak_mb"], hf["train_peak_mb"]),
+            "total_peak_memory_x": _ratio(max(ours["train_peak_mb"], ours["load_peak_mb"]),
+                                          max(hf["train_peak_mb"], hf["load_peak_mb"])),
+            "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
+            "flop_util": ours.get("flop_util")}
     hf = results.get("gen hf", {})
-    for impl in ("medlora", "medlora-int8", "medlora-int4", "medlora+compile", "medlora-int8+compile",
-                 "medlora-int4+compile", "llamacpp"):
+    for impl in (*DECODERS, *(f"{d}+compile" for d in DECODERS), "llamacpp"):
         r = results.get(f"gen {impl}", {})
         if not r or "error" in r or "error" in hf:
             continue
@@ -207,13 +211,13 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
     ours = results.get("gen medlora", {})
     if ours and hf and "error" not in ours and "error" not in hf:
         s["gen"]["greedy_tokens_equal_hf"] = ours["greedy_tokens"] == hf["greedy_tokens"]
-    for impl in ("medlora-int8", "medlora-int4", "llamacpp"):  # how long each follows the full-precision tokens
+    for impl in (*DECODERS[1:], "llamacpp"):  # how long each follows the full-precision tokens
         q = results.get(f"gen {impl}", {})
         if ours and q and "error" not in q and "error" not in ours:
             a, b = ours["greedy_tokens"], q["greedy_tokens"]
             key = impl.removeprefix("medlora-") + "_first_divergence"
             s["gen"][key] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    for impl in ("medlora", "medlora-int8", "medlora-int4"):  # compiling must not change a single greedy token
+    for impl in DECODERS:  # compiling must not change a single greedy token
         eager, comp = results.get(f"gen {impl}", {}), results.get(f"gen {impl}+compile", {})
         if eager and comp and "error" not in eager and "error" not in comp:
             s["gen"][f"{impl}_compiled_tokens_equal_eager"] = eager["greedy_tokens"] == comp["greedy_tokens"]
@@ -267,11 +271,9 @@ def markdown(record: dict) -> str:
     for impl, g in s["gen"].items():
         if isinstance(g, dict):
             lines.append(f"\n{impl}: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if v is not None))
-    for k in ("greedy_tokens_equal_hf", "int8_first_divergence", "int4_first_divergence", "llamacpp_first_divergence",
-              "medlora_compiled_tokens_equal_eager", "medlora-int8_compiled_tokens_equal_eager",
-              "medlora-int4_compiled_tokens_equal_eager"):
-        if k in s["gen"]:
-            lines.append(f"\n{k}: {s['gen'][k]}")
+    for k, v in s["gen"].items():  # the token checks: equal to HF, first divergences, compiled == eager
+        if not isinstance(v, dict):
+            lines.append(f"\n{k}: {v}")
     return "\n".join(lines) + "\n"
 
 
