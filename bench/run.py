@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -77,14 +78,25 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
     need = cfg.warmup + cfg.steps
     if len(order) < need:
         raise SystemExit(f"--rows {cfg.rows} gives {len(order)} batches; {need} are needed")
-    batches, real, padded, supervised = [], 0, 0, []
-    for rows in order[:need]:
-        exs = [ds.train[i] for i in rows]
-        ids, labels = collate(exs, tok.pad_id)
-        lengths = [len(e.ids) for e in exs]
-        batches.append((ids, labels, lengths))
-        real, padded = real + sum(lengths), padded + ids.numel()
-        supervised.append(sum(e.n_supervised for e in exs))
+
+    def build(order):
+        batches, real, padded, supervised = [], 0, 0, []
+        for rows in order:
+            exs = [ds.train[i] for i in rows]
+            ids, labels = collate(exs, tok.pad_id)
+            lengths = [len(e.ids) for e in exs]
+            batches.append((ids, labels, lengths))
+            real, padded = real + sum(lengths), padded + ids.numel()
+            supervised.append(sum(e.n_supervised for e in exs))
+        return batches, 1 - real / padded, supervised
+
+    batches, padding_share, supervised = build(order[:need])
+    # The same rows as the usual stack batches them (HF Trainer / TRL SFTTrainer defaults: random order,
+    # each batch padded to its longest row, no length grouping): the "hf+peft ... shuffled" rows.
+    rows = [i for b in order[:need] for i in b]
+    random.Random(0).shuffle(rows)
+    shuffled, shuffled_padding, shuffled_supervised = build([rows[j:j + cfg.batch_size]
+                                                             for j in range(0, len(rows), cfg.batch_size)])
     questions = [json.loads(line)["prompt"] for line in (ROOT / "data" / "eval_medical.jsonl").read_text().splitlines() if line.strip()]
     prompts = [tok.encode_chat(row_messages(q), add_generation_prompt=True) for q in questions]
     while len(prompts) < max(cfg.gen_batch_sizes):
@@ -92,11 +104,14 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
     filler = " ".join(tok.decode(e.ids) for e in ds.val[:20])
     body = tok.decode(tok.encode(filler)[: cfg.prefill_len])
     long_prompt = tok.encode_chat(row_messages("Summarise this text:\n" + body), add_generation_prompt=True)
-    torch.save({"batches": batches, "prompts": prompts, "long_prompt": long_prompt}, work / "inputs.pt")
+    torch.save({"batches": batches, "shuffled_batches": shuffled, "prompts": prompts, "long_prompt": long_prompt},
+               work / "inputs.pt")
     return {"folder": str(folder), "gguf": info["path"] if info["kind"] == "gguf" else None, "pad_id": tok.pad_id,
             "model": {k: info[k] for k in ("id", "kind") if k in info}, "sha256": info.get("sha256"),
-            "config": model.config.to_hf(), "padding_share": 1 - real / padded, "train_tokens": real,
-            "supervised_per_batch": supervised, "row_lengths": [b[2] for b in batches]}
+            "config": model.config.to_hf(), "padding_share": padding_share,
+            "train_tokens": sum(sum(b[2]) for b in batches), "supervised_per_batch": supervised,
+            "row_lengths": [b[2] for b in batches], "shuffled_padding_share": shuffled_padding,
+            "shuffled_supervised_per_batch": shuffled_supervised, "shuffled_row_lengths": [b[2] for b in shuffled]}
 
 
 def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, rank: int) -> float:
@@ -141,12 +156,16 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
             jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec},
                          before_root))
         jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
+        if cfg.extras:  # HF as the usual stack feeds it: shuffled batches padded to their longest row
+            jobs.append(("train", f"hf+peft {prec} shuffled", {**common, "impl": "hf", "precision": prec,
+                                                              "batching": "shuffled"}, ROOT))
         if cfg.extras:  # train.py --compile
             jobs.append(("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
                                                                "compile": True}, ROOT))
     if cfg.extras and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
+                 ("train", "medlora bf16 shuffled", {**common, "impl": "medlora", "precision": "bf16", "batching": "shuffled"}, ROOT),
                  ("train", "medlora bf16 grad-checkpoint", {**common, "impl": "medlora", "precision": "bf16", "grad_checkpoint": True}, ROOT),
                  ("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT)]
     # The matmul peak again after training: on this shared machine one reading was 217 GFLOP/s for a
@@ -176,15 +195,19 @@ def best_matmul(results: dict) -> dict:
 
 
 def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
-    sup = sum(inputs["supervised_per_batch"][cfg.warmup:])  # the timed batches only
-    flops = train_flops(inputs["config"], inputs["row_lengths"][cfg.warmup:], sup, cfg.rank)
+    def flops_of(prefix: str) -> float:  # the timed batches only
+        sup = sum(inputs[prefix + "supervised_per_batch"][cfg.warmup:])
+        return train_flops(inputs["config"], inputs[prefix + "row_lengths"][cfg.warmup:], sup, cfg.rank)
+
+    flops = flops_of("")
     mm = best_matmul(results)
     s: dict = {"train": {}, "gen": {}, "matmul_gflops": mm}
     for label, r in results.items():
         if not label.startswith(("medlora", "hf")) or "error" in r:
             continue
         prec = "bf16" if " bf16" in label else "fp32"
-        achieved = flops / (r["tokens"] / r["tok_per_s"]) / 1e9
+        work = flops_of("shuffled_") if label.endswith(" shuffled") and "shuffled_row_lengths" in inputs else flops
+        achieved = work / (r["tokens"] / r["tok_per_s"]) / 1e9
         r["gflops_per_s"] = achieved
         r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
     for prec, ours_label in [(p, f"medlora {p}{c}") for p in cfg.precisions for c in ("", " compile")]:
@@ -199,6 +222,11 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
                                           max(hf["train_peak_mb"], hf["load_peak_mb"])),
             "first_loss_diff": abs(ours["first_loss"] - hf["first_loss"]),
             "flop_util": ours.get("flop_util")}
+        usual = results.get(f"hf+peft {prec} shuffled", {})
+        if usual and "error" not in usual:  # medlora as shipped against HF as usually fed
+            s["train"][ours_label.removeprefix("medlora ")].update(
+                throughput_x_hf_shuffled=_ratio(ours["tok_per_s"], usual["tok_per_s"]),
+                train_peak_memory_x_hf_shuffled=_ratio(ours["train_peak_mb"], usual["train_peak_mb"]))
     hf = results.get("gen hf", {})
     for impl in (*DECODERS, *(f"{d}+compile" for d in DECODERS), "llamacpp"):
         r = results.get(f"gen {impl}", {})
@@ -235,7 +263,8 @@ def markdown(record: dict) -> str:
              f"{record['machine']['cpu']} ({record['machine']['threads']} threads), torch {record['versions']['torch']}, "
              f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}. "
              f"LoRA r={cfg['rank']} on all 7 projections, dropout {cfg['dropout']}, batch {cfg['batch_size']}, rows ≤ "
-             f"{cfg['max_len']} tokens ({record['inputs']['padding_share']:.1%} padding), {cfg['steps']} timed steps after "
+             f"{cfg['max_len']} tokens, length-bucketed ({record['inputs']['padding_share']:.1%} padding; the same rows in "
+             f"shuffled batches: {record['inputs'].get('shuffled_padding_share', float('nan')):.1%}), {cfg['steps']} timed steps after "
              f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G.", "",
              "## Training", "",
              "| run | tokens/s | s/step | peak RSS training (MB) | peak RSS incl. load (MB) | GFLOP/s | FLOP util | first loss |",
@@ -248,11 +277,14 @@ def markdown(record: dict) -> str:
             lines.append(f"| {label} | {r['tok_per_s']:.0f} | {r['step_s']:.2f} | {r['train_peak_mb']:.0f} | "
                          f"{max(r['train_peak_mb'], r['load_peak_mb']):.0f} | {_f(r.get('gflops_per_s'))} | "
                          f"{_f(r.get('flop_util'), '{:.0%}')} | {r['first_loss']:.4f} |")
-    lines += ["", "| medlora run | throughput × HF | step time × HF | training peak memory × HF | total peak × HF | FLOP util |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Ratios against HF on the same batches; the last two against HF on the same rows in shuffled, "
+              "padded batches (the usual stack's defaults; medlora keeps its bucketing).", "",
+              "| medlora run | throughput × HF | step time × HF | training peak memory × HF | total peak × HF | FLOP util "
+              "| throughput × HF shuffled | peak × HF shuffled |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for prec, t in s["train"].items():
         lines.append(f"| {prec} | {t['throughput_x']:.2f} | {t['step_time_x']:.2f} | {t['train_peak_memory_x']:.2f} | "
-                     f"{t['total_peak_memory_x']:.2f} | {_f(t['flop_util'], '{:.0%}')} |")
+                     f"{t['total_peak_memory_x']:.2f} | {_f(t['flop_util'], '{:.0%}')} | "
+                     f"{_f(t.get('throughput_x_hf_shuffled'), '{:.2f}')} | {_f(t.get('train_peak_memory_x_hf_shuffled'), '{:.2f}')} |")
     mm = s.get("matmul_gflops", {})
     if mm:
         lines += ["", "Matmul GFLOP/s at model shapes (best of the runs before and after training): " +
@@ -353,7 +385,7 @@ def main(argv=None) -> int:
     commit += "+uncommitted changes" if changed else ""  # measured code != HEAD: say so in the record
     record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
               "machine": machine(), "versions": versions(), "config": asdict(cfg),
-              "inputs": {k: v for k, v in inputs.items() if k != "row_lengths"}, "results": results}
+              "inputs": {k: v for k, v in inputs.items() if not k.endswith("row_lengths")}, "results": results}
     record["summary"] = summarise(cfg, inputs, results)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

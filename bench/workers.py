@@ -129,7 +129,7 @@ def _hf_train(spec: dict):
 def train(spec: dict) -> dict:
     torch.manual_seed(0)
     data = torch.load(spec["batches"])
-    batches = data["batches"]
+    batches = data["shuffled_batches" if spec.get("batching") == "shuffled" else "batches"]
     t0 = time.perf_counter()
     step, n_train = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
     load_s = time.perf_counter() - t0

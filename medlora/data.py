@@ -301,19 +301,21 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
     """Render each row as system + user + assistant and tokenise; handle over-long rows by policy."""
     counts = counts if counts is not None else Counter()
     out = []
-    for r in rows:
-        ids, labels = tok.encode_for_training(row_messages(r.question, r.answer))
-        if len(ids) > max_len:
-            if long_rows == "drop":
-                counts[f"longer than {max_len} tokens"] += 1
-                continue
-            short = _truncate_answer(tok, r.question, r.answer, max_len)
-            if short is None:
-                counts[f"question alone longer than {max_len} tokens"] += 1
-                continue
-            ids, labels = tok.encode_for_training(row_messages(r.question, short))
-            counts["answer truncated"] += 1
-        out.append(Example(ids, labels))
+    for k in range(0, len(rows), 512):  # 512 rows at a time: tokenised in parallel, memory bounded
+        chunk = rows[k:k + 512]
+        encoded = tok.encode_many_for_training([row_messages(r.question, r.answer) for r in chunk])
+        for r, (ids, labels) in zip(chunk, encoded):
+            if len(ids) > max_len:
+                if long_rows == "drop":
+                    counts[f"longer than {max_len} tokens"] += 1
+                    continue
+                short = _truncate_answer(tok, r.question, r.answer, max_len)
+                if short is None:
+                    counts[f"question alone longer than {max_len} tokens"] += 1
+                    continue
+                ids, labels = tok.encode_for_training(row_messages(r.question, short))
+                counts["answer truncated"] += 1
+            out.append(Example(ids, labels))
     return out
 
 

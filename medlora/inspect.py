@@ -28,10 +28,9 @@ def model_card(model, tok, info: dict) -> dict:
     cfg = model.config
     license_ = None
     if info["kind"] == "gguf":
-        from gguf import GGUFReader
+        from .gguf_file import read_gguf_file
 
-        f = GGUFReader(info["path"]).fields.get("general.license")
-        license_ = f.contents() if f is not None else None
+        license_ = read_gguf_file(info["path"])[0].get("general.license")
     else:
         card = Path(info["path"]) / "README.md"
         if card.exists():

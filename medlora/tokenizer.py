@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from bisect import bisect_left, bisect_right
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,13 +130,14 @@ class ChatTokenizer:
 
     def encode_for_training(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(input_ids, labels): labels equal the ids on supervised tokens and IGNORE elsewhere."""
-        text, spans = self.supervised_spans(messages)
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
-        labels = [IGNORE] * len(enc.ids)
-        for j, (tid, (a, b)) in enumerate(zip(enc.ids, enc.offsets)):
-            if any(a < e and b > s for s, e in spans):  # token overlaps a supervised span
-                labels[j] = tid
-        return enc.ids, labels
+        return self.encode_many_for_training([messages])[0]
+
+    def encode_many_for_training(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        """`encode_for_training` of many conversations with one `encode_batch` call, which the
+        tokenizers library spreads over the CPU's cores (tokenising is most of data preparation)."""
+        rendered = [self.supervised_spans(m) for m in conversations]
+        encodings = self.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        return [_labelled(enc.ids, enc.offsets, spans) for enc, (_, spans) in zip(encodings, rendered)]
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
@@ -151,6 +153,18 @@ class ChatTokenizer:
             "clean_up_tokenization_spaces": False, "model_max_length": 8192,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(ids, labels): a token is supervised when its characters [a, b) overlap a span [s, e).
+    Token offsets never decrease, so the tokens with b > s and a < e are one run, found by two
+    bisections (testing every token against every span was a fifth of data preparation)."""
+    starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        lo, hi = bisect_right(ends, s), bisect_left(starts, e)
+        labels[lo:hi] = ids[lo:hi]
+    return ids, labels
 
 
 def load_tokenizer_folder(folder: str | os.PathLike) -> ChatTokenizer:

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .gguf_file import GGUFError, dequantize, read_gguf_file
 from .model import Llama
 from .tokenizer import ChatTokenizer, load_tokenizer_folder
 
@@ -73,8 +75,16 @@ def load_into(model: Llama, state: dict[str, torch.Tensor], source: str) -> Llam
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> Llama:
-    with torch.device("meta"):
-        model = Llama(cfg)
+    # Built on the meta device (no memory, no random init) and allocated once: the loaded weights
+    # overwrite everything. nn.Embedding's normal_ init on meta imports torch._dynamo (~1 s of a
+    # serve.py start), so that one init is switched off while building.
+    reset = nn.Embedding.reset_parameters
+    try:
+        nn.Embedding.reset_parameters = lambda self: None
+        with torch.device("meta"):
+            model = Llama(cfg)
+    finally:
+        nn.Embedding.reset_parameters = reset
     model = model.to_empty(device="cpu")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -146,78 +156,70 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def read_gguf(path: str | os.PathLike):
     """(ModelConfig, HF-named fp32 state dict, ChatTokenizer) from a GGUF file."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     path = str(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the gguf package raises ValueError/struct errors/... on bad files
-        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = _field(reader, "general.architecture")
+        meta, tensors = read_gguf_file(path)
+    except GGUFError as e:
+        raise WeightsError(str(e)) from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e})") from None
+    arch = meta.get("general.architecture")
     if arch != "llama":
         raise ConfigError(f"{path}: unsupported architecture {arch!r}; medlora implements llama")
-    g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    g = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
     n_head, d_model = int(g("attention.head_count")), int(g("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in tensors}
     cfg = ModelConfig(
-        vocab_size=int(g("vocab_size", len(tokens))), hidden_size=d_model,
+        vocab_size=int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))), hidden_size=d_model,
         intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
         num_attention_heads=n_head, num_key_value_heads=int(g("attention.head_count_kv", n_head)),
         head_dim=int(g("rope.dimension_count", d_model // n_head)),
         max_position_embeddings=int(g("context_length", 2048)), rope_theta=float(g("rope.freq_base", 10000.0)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
     state = {}
-    for t in reader.tensors:
+    for t in tensors:
         hf = gguf_to_hf_name(t.name)
         try:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32)
+            w = dequantize(t)
         except Exception as e:
-            raise WeightsError(f"{path}: tensor {t.name}: cannot dequantize {t.tensor_type.name} ({e})") from None
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+            raise WeightsError(f"{path}: tensor {t.name}: cannot dequantize {t.type.name} ({e})") from None
         if t.name.endswith("attn_q.weight"):
             w = unpermute_rope(w, cfg.num_attention_heads)
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_rope(w, cfg.num_key_value_heads)
         state[hf] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state, gguf_tokenizer(reader, path)
+    return cfg, state, gguf_tokenizer(meta, path)
 
 
-def gguf_tokenizer(reader, path: str) -> ChatTokenizer:
+def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
     """Rebuild the BPE tokenizer from GGUF metadata (vocab, merges, special tokens, template)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    model = _field(reader, "tokenizer.ggml.model")
+    model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise WeightsError(f"{path}: tokenizer model {model!r} not supported (byte-level BPE 'gpt2' only)")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta["tokenizer.ggml.token_type"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
         pre.insert(0, pre_tokenizers.Digits(individual_digits=True))  # these split digits one by one
     tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoders.ByteLevel()
     # CONTROL (3) and USER_DEFINED (4) tokens are matched whole, never split by BPE.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in range(len(tokens)) if types[i] in (3, 4)])
-    tid = lambda k: _field(reader, f"tokenizer.ggml.{k}_token_id")  # noqa: E731
+    tid = lambda k: meta.get(f"tokenizer.ggml.{k}_token_id")  # noqa: E731
     eos, bos, pad = tid("eos"), tid("bos"), tid("padding")
-    template = _field(reader, "tokenizer.chat_template")
+    template = meta.get("tokenizer.chat_template")
     if not template:
         raise WeightsError(f"{path}: no tokenizer.chat_template in the GGUF metadata")
     return ChatTokenizer(tok, template, eos_token=tokens[eos], bos_token=tokens[bos] if bos is not None else None,

