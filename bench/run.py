@@ -9,7 +9,9 @@ What it measures (each job in a fresh process, see `bench/workers.py`):
 - gen: greedy decoding tokens/s at batch 1 and 16, and prefill tokens/s of a ~512-token prompt.
 
 Both sides load the same HF safetensors folder (written once from the bundled GGUF), train on the
-same length-bucketed batches (written once to `inputs.pt`), in the same precision. Results go to
+same length-bucketed batches (written once to `inputs.pt`), in the same precision; the `shuffled`
+rows train on the same rows in random batches padded to their longest row, as the usual stack
+(HF Trainer, TRL) feeds a model by default. Results go to
 `bench/results/NAME.json` and `NAME.md`; ratios are printed. `--quick` is a seconds-long smoke run
 for CI (it checks that everything runs, never a speed). `--before REF` adds medlora as of a git
 commit, measured in the same run, for before/after tables.

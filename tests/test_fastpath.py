@@ -170,6 +170,12 @@ def readme_performance_rows(rec: dict) -> list[str]:
         f"| training bf16 autocast, tokens/s | {tps('medlora bf16'):.0f} ({tps('medlora bf16 compile'):.0f} with `--compile`) | "
         f"{tps('hf+peft bf16'):.0f} ({tps('hf+peft bf16 bf16-weights'):.0f} with bf16 weights) | "
         f"{t['bf16']['throughput_x']:.2f}× ({t['bf16 compile']['throughput_x']:.2f}×) |",
+        f"| training against transformers + PEFT fed as usual (the same rows in shuffled batches, "
+        f"{rec['inputs']['shuffled_padding_share']:.0%} padding), fp32 / bf16 tokens/s | {tps('medlora fp32'):.0f} / "
+        f"{tps('medlora bf16'):.0f} ({tps('medlora fp32 compile'):.0f} / {tps('medlora bf16 compile'):.0f} with `--compile`) | "
+        f"{tps('hf+peft fp32 shuffled'):.0f} / {tps('hf+peft bf16 shuffled'):.0f} | "
+        f"{t['fp32']['throughput_x_hf_shuffled']:.2f}× / {t['bf16']['throughput_x_hf_shuffled']:.2f}× "
+        f"({t['fp32 compile']['throughput_x_hf_shuffled']:.2f}× / {t['bf16 compile']['throughput_x_hf_shuffled']:.2f}×) |",
         f"| training fp32, peak memory | {peak('medlora fp32'):.1f} GB ({peak('medlora fp32 compile'):.1f} GB with `--compile`) | "
         f"{peak('hf+peft fp32'):.1f} GB | {t['fp32']['train_peak_memory_x']:.2f}× ({t['fp32 compile']['train_peak_memory_x']:.2f}×) |",
         f"| training bf16, peak memory | {peak('medlora bf16'):.1f} GB ({peak('medlora bf16 compile'):.1f} GB with `--compile`) | "
