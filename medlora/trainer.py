@@ -98,15 +98,29 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # Every chunk reuses one fp32 logits buffer (and one in w's dtype), overwritten in place from
+        # logits to softmax to its gradient: a fresh ~50 MB tensor per step of the softmax costs the
+        # kernel's zeroing of new pages, and several of them at once raised the step's memory peak.
+        rows = min(chunk, h.shape[0])
+        logits_buf = torch.empty(rows, w.shape[0], dtype=torch.float32, device=h.device)
+        low_buf = logits_buf if w.dtype == torch.float32 else torch.empty(rows, w.shape[0], dtype=w.dtype, device=h.device)
         for s in range(0, h.shape[0], chunk):
-            logits = (h[s:s + chunk] @ w.t()).float()
-            lse = logits.logsumexp(-1)
             tgt = t[s:s + chunk]
-            loss += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            n = len(tgt)
+            logits, low = logits_buf[:n], low_buf[:n]
+            torch.mm(h[s:s + n], w.t(), out=low)
+            if low is not logits:
+                logits.copy_(low)
+            top = logits.amax(-1, keepdim=True)
+            picked = logits.gather(1, tgt[:, None])
+            total = logits.sub_(top).exp_().sum(-1, keepdim=True)  # logits now hold exp(logit - top)
+            loss += (total.log() + top - picked).sum()  # log-sum-exp minus the target's logit
             if grad is not None:
-                p = (logits - lse[:, None]).exp_()
-                p[torch.arange(len(tgt), device=p.device), tgt] -= 1.0
-                grad[s:s + chunk] = (p.to(w.dtype) @ w).to(h.dtype)
+                p = logits.div_(total)  # softmax
+                p[torch.arange(n, device=p.device), tgt] -= 1.0
+                if low is not logits:
+                    low.copy_(p)
+                grad[s:s + n] = (low @ w).to(h.dtype)
         ctx.save_for_backward(grad)
         return loss
 
