@@ -158,12 +158,11 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
             jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec},
                          before_root))
         jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
-        if cfg.extras:  # HF as the usual stack feeds it: shuffled batches padded to their longest row
-            jobs.append(("train", f"hf+peft {prec} shuffled", {**common, "impl": "hf", "precision": prec,
-                                                              "batching": "shuffled"}, ROOT))
-        if cfg.extras:  # train.py --compile
-            jobs.append(("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
-                                                               "compile": True}, ROOT))
+        if cfg.extras:  # HF as the usual stack feeds it (shuffled batches padded to their longest row); train.py --compile
+            jobs += [("train", f"hf+peft {prec} shuffled", {**common, "impl": "hf", "precision": prec,
+                                                            "batching": "shuffled"}, ROOT),
+                     ("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
+                                                            "compile": True}, ROOT)]
     if cfg.extras and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
@@ -201,14 +200,14 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         sup = sum(inputs[prefix + "supervised_per_batch"][cfg.warmup:])
         return train_flops(inputs["config"], inputs[prefix + "row_lengths"][cfg.warmup:], sup, cfg.rank)
 
-    flops = flops_of("")
+    flops, shuffled_flops = flops_of(""), flops_of("shuffled_")
     mm = best_matmul(results)
     s: dict = {"train": {}, "gen": {}, "matmul_gflops": mm}
     for label, r in results.items():
         if not label.startswith(("medlora", "hf")) or "error" in r:
             continue
         prec = "bf16" if " bf16" in label else "fp32"
-        work = flops_of("shuffled_") if label.endswith(" shuffled") and "shuffled_row_lengths" in inputs else flops
+        work = shuffled_flops if label.endswith(" shuffled") else flops
         achieved = work / (r["tokens"] / r["tok_per_s"]) / 1e9
         r["gflops_per_s"] = achieved
         r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
@@ -266,7 +265,7 @@ def markdown(record: dict) -> str:
              f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}. "
              f"LoRA r={cfg['rank']} on all 7 projections, dropout {cfg['dropout']}, batch {cfg['batch_size']}, rows ≤ "
              f"{cfg['max_len']} tokens, length-bucketed ({record['inputs']['padding_share']:.1%} padding; the same rows in "
-             f"shuffled batches: {record['inputs'].get('shuffled_padding_share', float('nan')):.1%}), {cfg['steps']} timed steps after "
+             f"shuffled batches: {record['inputs']['shuffled_padding_share']:.1%}), {cfg['steps']} timed steps after "
              f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G.", "",
              "## Training", "",
              "| run | tokens/s | s/step | peak RSS training (MB) | peak RSS incl. load (MB) | GFLOP/s | FLOP util | first loss |",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from bisect import bisect_left, bisect_right
 import sys
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
