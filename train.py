@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile each block (~30 s at the start): faster "
                                                           "steps and a lower memory peak (bench/results)")
+    g.add_argument("--no-share-prefix", action="store_true",
+                   help="run every row whole instead of computing the rows' common prefix (the system turn) once "
+                        "per batch; same losses, ~1.4x slower (bench/results)")
     g.add_argument("--on-nan", choices=["stop", "skip"], default="stop")
     g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("run")
@@ -234,7 +237,8 @@ def main(argv=None) -> int:
                            weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
                            val_rows=args.val_rows, save_every=args.save_every, patience=args.patience,
                            seed=args.seed, precision=precision, nan_policy=args.on_nan,
-                           gradient_checkpointing=args.grad_checkpoint, compile=args.compile)
+                           gradient_checkpointing=args.grad_checkpoint, compile=args.compile,
+                           share_prefix=not args.no_share_prefix)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
     import torch
 
     from medlora.data import collate, bucketed_batches, prepare, row_messages
+    from medlora.trainer import prefix_to_share
     from medlora.weights import load_pretrained, save_folder
 
     model, tok, info = load_pretrained(cfg.model, verbose=False)
@@ -77,12 +78,13 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
         save_folder(model, tok, folder)
     ds = prepare(tok, max_len=cfg.max_len, limit_rows=cfg.rows, verbose=False)
     order = bucketed_batches([len(e.ids) for e in ds.train], cfg.batch_size, seed=0)
+    order = [b for b in order if len(b) == cfg.batch_size]  # full batches only (the last one may be short)
     need = cfg.warmup + cfg.steps
     if len(order) < need:
         raise SystemExit(f"--rows {cfg.rows} gives {len(order)} batches; {need} are needed")
 
     def build(order):
-        batches, real, padded, supervised = [], 0, 0, []
+        batches, real, padded, supervised, prefixes = [], 0, 0, [], []
         for rows in order:
             exs = [ds.train[i] for i in rows]
             ids, labels = collate(exs, tok.pad_id)
@@ -90,14 +92,15 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
             batches.append((ids, labels, lengths))
             real, padded = real + sum(lengths), padded + ids.numel()
             supervised.append(sum(e.n_supervised for e in exs))
-        return batches, 1 - real / padded, supervised
+            prefixes.append(prefix_to_share(ids))
+        return batches, 1 - real / padded, supervised, prefixes
 
-    batches, padding_share, supervised = build(order[:need])
+    batches, padding_share, supervised, prefixes = build(order[:need])
     # The same rows as the usual stack batches them (HF Trainer / TRL SFTTrainer defaults: random order,
     # each batch padded to its longest row, no length grouping): the "hf+peft ... shuffled" rows.
     rows = [i for b in order[:need] for i in b]
     random.Random(0).shuffle(rows)
-    shuffled, shuffled_padding, shuffled_supervised = build([rows[j:j + cfg.batch_size]
+    shuffled, shuffled_padding, shuffled_supervised, shuffled_prefixes = build([rows[j:j + cfg.batch_size]
                                                              for j in range(0, len(rows), cfg.batch_size)])
     questions = [json.loads(line)["prompt"] for line in (ROOT / "data" / "eval_medical.jsonl").read_text().splitlines() if line.strip()]
     prompts = [tok.encode_chat(row_messages(q), add_generation_prompt=True) for q in questions]
@@ -113,21 +116,27 @@ def prepare_inputs(cfg: BenchConfig, work: Path) -> dict:
             "config": model.config.to_hf(), "padding_share": padding_share,
             "train_tokens": sum(sum(b[2]) for b in batches), "supervised_per_batch": supervised,
             "row_lengths": [b[2] for b in batches], "shuffled_padding_share": shuffled_padding,
-            "shuffled_supervised_per_batch": shuffled_supervised, "shuffled_row_lengths": [b[2] for b in shuffled]}
+            "shuffled_supervised_per_batch": shuffled_supervised, "shuffled_row_lengths": [b[2] for b in shuffled],
+            "shared_prefix_per_batch": prefixes, "shuffled_shared_prefix_per_batch": shuffled_prefixes}
 
 
-def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, rank: int) -> float:
+def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, rank: int,
+                prefixes: list[int] | None = None) -> float:
     """The work any implementation must do for these batches (padding and unlabelled logits excluded):
     forward + input-gradient through the frozen projections (2 + 2 FLOPs per weight per token),
     LoRA forward + both gradients (6 per LoRA weight), causal attention scores and mixing (forward
-    x3 for backward), and the LM head at supervised positions only."""
+    x3 for backward), and the LM head at supervised positions only.
+    `prefixes` (one per batch): the work done when each batch's shared prefix of that many tokens
+    is computed once rather than once per row (trainer.batch_hidden) -- what medlora executes."""
     C, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = config["num_key_value_heads"] * (C // config["num_attention_heads"])
     body = L * (2 * C * C + 2 * C * kv + 3 * C * I)
     lora = L * rank * ((C + C) * 2 + (C + kv) * 2 + (C + I) * 3)
-    tokens = sum(sum(b) for b in row_lengths)
-    attn = sum(3 * L * 2 * 2 * C * n * (n + 1) / 2 for b in row_lengths for n in b)
-    return tokens * (4 * body + 6 * lora) + attn + 4 * C * config["vocab_size"] * supervised
+    prefixes = prefixes or [0] * len(row_lengths)
+    tokens = sum(sum(b) - (len(b) - 1) * P for b, P in zip(row_lengths, prefixes))
+    tri = lambda n: n * (n + 1) / 2  # noqa: E731  (query-key pairs of n causal positions)
+    pairs = sum(tri(P) + sum(tri(n) - tri(P) for n in b) for b, P in zip(row_lengths, prefixes))
+    return tokens * (4 * body + 6 * lora) + 3 * L * 2 * 2 * C * pairs + 4 * C * config["vocab_size"] * supervised
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +172,9 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
                                                             "batching": "shuffled"}, ROOT),
                      ("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
                                                             "compile": True}, ROOT)]
+    if cfg.extras:  # what computing the shared prefix once buys: every row run whole
+        jobs += [("train", f"medlora {prec} no-share-prefix", {**common, "impl": "medlora", "precision": prec,
+                                                              "share_prefix": False}, ROOT) for prec in cfg.precisions]
     if cfg.extras and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
@@ -196,18 +208,20 @@ def best_matmul(results: dict) -> dict:
 
 
 def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
-    def flops_of(prefix: str) -> float:  # the timed batches only
+    def flops_of(prefix: str, shared: bool = False) -> float:  # the timed batches only
         sup = sum(inputs[prefix + "supervised_per_batch"][cfg.warmup:])
-        return train_flops(inputs["config"], inputs[prefix + "row_lengths"][cfg.warmup:], sup, cfg.rank)
+        prefixes = inputs[prefix + "shared_prefix_per_batch"][cfg.warmup:] if shared else None
+        return train_flops(inputs["config"], inputs[prefix + "row_lengths"][cfg.warmup:], sup, cfg.rank, prefixes)
 
-    flops, shuffled_flops = flops_of(""), flops_of("shuffled_")
+    # FLOP/s counts what each run executes: medlora computes a batch's shared prefix once.
+    flops = {(b, sh): flops_of(b, sh) for b in ("", "shuffled_") for sh in (False, True)}
     mm = best_matmul(results)
     s: dict = {"train": {}, "gen": {}, "matmul_gflops": mm}
     for label, r in results.items():
         if not label.startswith(("medlora", "hf")) or "error" in r:
             continue
         prec = "bf16" if " bf16" in label else "fp32"
-        work = shuffled_flops if label.endswith(" shuffled") else flops
+        work = flops["shuffled_" if label.endswith(" shuffled") else "", bool(r.get("shared_prefix"))]
         achieved = work / (r["tokens"] / r["tok_per_s"]) / 1e9
         r["gflops_per_s"] = achieved
         r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
@@ -250,12 +264,18 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         eager, comp = results.get(f"gen {impl}", {}), results.get(f"gen {impl}+compile", {})
         if eager and comp and "error" not in eager and "error" not in comp:
             s["gen"][f"{impl}_compiled_tokens_equal_eager"] = eager["greedy_tokens"] == comp["greedy_tokens"]
-    s["train_flops_per_token"] = flops / sum(sum(b) for b in inputs["row_lengths"][cfg.warmup:])
+    real = sum(sum(b) for b in inputs["row_lengths"][cfg.warmup:])
+    s["train_flops_per_token"], s["train_flops_per_token_shared"] = flops["", False] / real, flops["", True] / real
     return s
 
 
 def _f(x, fmt="{:.0f}"):
     return "—" if x is None else fmt.format(x)
+
+
+def _prefix_note(inputs: dict) -> str:
+    p = inputs.get("shared_prefix_per_batch") or [0]
+    return f"{min(p)}" + (f"-{max(p)}" if max(p) != min(p) else "") + " tokens"
 
 
 def markdown(record: dict) -> str:
@@ -266,7 +286,9 @@ def markdown(record: dict) -> str:
              f"LoRA r={cfg['rank']} on all 7 projections, dropout {cfg['dropout']}, batch {cfg['batch_size']}, rows ≤ "
              f"{cfg['max_len']} tokens, length-bucketed ({record['inputs']['padding_share']:.1%} padding; the same rows in "
              f"shuffled batches: {record['inputs']['shuffled_padding_share']:.1%}), {cfg['steps']} timed steps after "
-             f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G.", "",
+             f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G; "
+             f"{s['train_flops_per_token_shared'] / 1e9:.3f} G when each batch's shared prefix (the system turn, "
+             f"{_prefix_note(record['inputs'])}) is computed once, as medlora does (FLOP/s counts what a run executes).", "",
              "## Training", "",
              "| run | tokens/s | s/step | peak RSS training (MB) | peak RSS incl. load (MB) | GFLOP/s | FLOP util | first loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

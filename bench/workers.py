@@ -9,6 +9,7 @@ transformers `generate`, or llama-cpp-python).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -88,14 +89,18 @@ def _medlora_train(spec: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    # Computing each batch's shared prefix once (the default; `--before` commits may predate it).
+    share = {"share_prefix": spec.get("share_prefix", True)}
+    if "share_prefix" not in inspect.signature(accumulate_gradients).parameters:
+        share = {}
 
     def step(ids, labels, lengths):
-        loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], torch.device("cpu"))
+        loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], torch.device("cpu"), **share)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), share.get("share_prefix", False)
 
 
 def _hf_train(spec: dict):
@@ -123,7 +128,7 @@ def _hf_train(spec: dict):
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), False
 
 
 def train(spec: dict) -> dict:
@@ -131,7 +136,7 @@ def train(spec: dict) -> dict:
     data = torch.load(spec["batches"])
     batches = data["shuffled_batches" if spec.get("batching") == "shuffled" else "batches"]
     t0 = time.perf_counter()
-    step, n_train = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
+    step, n_train, shared_prefix = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
     load_s = time.perf_counter() - t0
     loaded_mb, load_peak_mb = _status_mb("VmRSS"), _status_mb("VmHWM")
     reset_peak()
@@ -146,7 +151,7 @@ def train(spec: dict) -> dict:
     return {"trainable_params": n_train, "load_s": load_s, "first_loss": losses[0], "losses": losses,
             "step_s": sum(times) / len(times), "tokens": tokens, "tok_per_s": tokens / sum(times),
             "rss_after_load_mb": loaded_mb, "load_peak_mb": load_peak_mb, "train_peak_mb": _status_mb("VmHWM"),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "shared_prefix": shared_prefix}
 
 
 # ----------------------------------------------------------------------------------------------

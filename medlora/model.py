@@ -116,17 +116,50 @@ class Attention(nn.Module):
         if cache is not None:  # attend in the cache's precision (fp32 on a CPU: see generate.cache_dtype)
             k, v = cache.update(self.layer, k.to(cache.dtype), v.to(cache.dtype))
             q = q.to(cache.dtype)
-        # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
-        # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
-        gqa = self.n_kv != self.n_head
-        if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif q.is_cuda and gqa:  # cuDNN's SDPA fails on GQA + an explicit mask (torch 2.11, H200): copy the heads
-            r = self.n_head // self.n_kv
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = mask.attend(q, k, v) if isinstance(mask, SharedPrefix) else attend(q, k, v, mask)
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with `mask`: "causal", a boolean tensor (True = may attend) or None."""
+    # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
+    # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.is_cuda and gqa:  # cuDNN's SDPA fails on GQA + an explicit mask (torch 2.11, H200): copy the heads
+        r = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class SharedPrefix:
+    """The attention layout of a batch packed into one sequence: the P tokens that every row starts
+    with, once, then each of the B rows' own S tokens (Llama.forward's `shared_prefix`).
+
+    The prefix attends causally to itself; each row's tokens attend to the prefix and, causally, to
+    their own row: exactly what each row would see run whole. Everything outside attention works
+    token by token, so it runs on the packed tokens unchanged. Held as a [B, 1, S, P + S] mask (a
+    broadcast view) so the layout lives in tensor shapes, which torch.compile keeps symbolic.
+    """
+
+    def __init__(self, prefix: int, rows: int, length: int, device) -> None:
+        s = length - prefix
+        self.mask = torch.ones(s, length, dtype=torch.bool, device=device).tril(prefix).expand(rows, 1, s, length)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, _, S, L = self.mask.shape
+        P = L - S
+
+        def split(t):  # [1, heads, P + B*S, d] -> prefix [1, heads, P, d], rows [B, heads, S, d]
+            return t[:, :, :P], t[0, :, P:].reshape(t.shape[1], B, S, t.shape[3]).transpose(0, 1)
+
+        (qp, qr), (kp, kr), (vp, vr) = split(q), split(k), split(v)
+        yp = attend(qp, kp, vp, "causal")
+        kr = torch.cat((kp.expand(B, -1, -1, -1), kr), dim=2)  # every row sees the one prefix
+        vr = torch.cat((vp.expand(B, -1, -1, -1), vr), dim=2)
+        yr = attend(qr, kr, vr, self.mask)
+        return torch.cat((yp, yr.transpose(0, 1).reshape(1, q.shape[1], B * S, q.shape[3])), dim=2)
 
 
 class MLP(nn.Module):
@@ -178,7 +211,7 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, hidden_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, hidden_only: bool = False, shared_prefix: int = 0) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens `idx` [B, T] (or final hidden states with `hidden_only`).
 
         pos:   rotary positions [B, T]; default: continue after what the cache holds.
@@ -186,7 +219,11 @@ class Llama(nn.Module):
                causal, which is also right for right-padded training batches (real tokens never
                see the padding that follows them).
         cache: a KVCache to read and extend (generation).
+        shared_prefix: P > 0 when every row starts with the same P tokens (training: the system
+               turn). The prefix is computed once, not B times (SharedPrefix); same output.
         """
+        if shared_prefix:
+            return self._forward_shared(idx, shared_prefix, hidden_only)
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if pos is None:
@@ -209,6 +246,16 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    def _forward_shared(self, idx: torch.Tensor, P: int, hidden_only: bool) -> torch.Tensor:
+        """forward() of a batch whose rows share their first P tokens, run as one packed sequence."""
+        B, T = idx.shape
+        ar = torch.arange(T, device=idx.device)
+        packed = torch.cat((idx[0, :P], idx[:, P:].reshape(-1)))[None]  # [1, P + B*(T-P)]
+        pos = torch.cat((ar[:P], ar[P:].repeat(B)))[None]
+        x = self(packed, pos=pos, mask=SharedPrefix(P, B, T, idx.device), hidden_only=True)[0]
+        x = torch.cat((x[:P].expand(B, -1, -1), x[P:].view(B, T - P, -1)), dim=1)  # back to [B, T, C]
         return x if hidden_only else self.lm_head(x)
 
     def num_parameters(self) -> int:

@@ -62,6 +62,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (compile_blocks)
+    share_prefix: bool = True  # compute a batch's common prefix (the system turn) once: batch_hidden
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,10 +153,41 @@ def head_loss(model: Llama, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
     return _HeadCrossEntropy.apply(h, w, t, chunk), int(t.numel())
 
 
-def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision: str) -> tuple[torch.Tensor, int]:
+def shared_prefix_length(ids: torch.Tensor) -> int:
+    """How many leading tokens every row of the batch has in common (the system turn, at least)."""
+    same = (ids == ids[:1]).all(0)
+    return int(same.cumprod(0).sum())
+
+
+# Shortest common prefix worth packing for: rows of other chat data may share a few tokens by chance, which
+# would save less than the packing's copies cost. Any value gives the same numbers; the system turn is ~93.
+MIN_SHARED_PREFIX = 16
+
+
+def batch_hidden(model: Llama, ids: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+    """Final hidden states [B, T, C] for a right-padded batch.
+
+    Every MedQuAD row starts with the same ~93-token system turn: 43% of an average row. With
+    `share_prefix`, the model computes that prefix once per batch instead of once per row
+    (Llama.forward's `shared_prefix`): the same numbers as running every row whole (causal
+    attention: a prefix position never sees what follows it), for ~40% fewer FLOPs at batch 8.
+    With LoRA dropout the prefix's positions draw one mask for the batch rather than one per row.
+    """
+    return model(ids, hidden_only=True, shared_prefix=prefix_to_share(ids) if share_prefix else 0)
+
+
+def prefix_to_share(ids: torch.Tensor) -> int:
+    """The prefix batch_hidden computes once for `ids` (0: none worth it). Rows keep >= 1 own token."""
+    B, T = ids.shape
+    P = min(shared_prefix_length(ids), T - 1) if B > 1 else 0
+    return P if P >= MIN_SHARED_PREFIX else 0
+
+
+def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision: str,
+               share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     device = ids.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        hidden = model(ids, hidden_only=True)
+        hidden = batch_hidden(model, ids, share_prefix)
         return head_loss(model, hidden, labels)
 
 
@@ -180,7 +212,8 @@ def supervised_tokens(micro: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 
 def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                         device, n_sup: int | None = None, dist: Dist = SINGLE) -> tuple[float, int]:
+                         device, n_sup: int | None = None, dist: Dist = SINGLE,
+                         share_prefix: bool = True) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step, normalised by the step's total
     supervised tokens (not per micro-batch, which would over-weight short examples).
     Data parallel: `n_sup` is the step's count over *all* ranks, and the gradients are summed
@@ -191,7 +224,7 @@ def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Ten
         n_sup = supervised_tokens(micro)
     total = 0.0
     for ids, labels in micro:
-        loss, _ = batch_loss(model, ids.to(device), labels.to(device), precision)
+        loss, _ = batch_loss(model, ids.to(device), labels.to(device), precision, share_prefix)
         (loss / max(n_sup, 1)).backward()
         total += loss.item()
     if dist.active:
@@ -201,7 +234,7 @@ def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id: int, precision: str,
-                  device, dist: Dist = SINGLE) -> float:
+                  device, dist: Dist = SINGLE, share_prefix: bool = True) -> float:
     """Mean loss per supervised token over `examples` (length-sorted batches, no padding waste).
     Data parallel: rank r evaluates batches r, r + world_size, ... and the loss sums and token
     counts are all-reduced, so every rank gets the token-weighted mean over all of `examples`."""
@@ -212,7 +245,7 @@ def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id
     total, count = 0.0, 0
     for rows in batches[dist.rank::dist.world_size]:
         ids, labels = collate([examples[i] for i in rows], pad_id)
-        loss, n = batch_loss(model, ids.to(device), labels.to(device), precision)
+        loss, n = batch_loss(model, ids.to(device), labels.to(device), precision, share_prefix)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = dist.sum_floats(total, count)
@@ -392,7 +425,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
                mininterval=0.5 if sys.stderr.isatty() else 30, disable=not main)
     if val and state["step"] == 0 and "base_val" not in state:
         # Step 0 = the model before any update (B = 0): the baseline every later number is read against.
-        v0 = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist)
+        v0 = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist, cfg.share_prefix)
         state["base_val"] = v0
         record(kind="val", step=0, val_loss=v0, val_ppl=math.exp(min(v0, 50)))
         note(f"step 0 (base model): val loss {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f}) on {len(val)} rows")
@@ -417,7 +450,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
             n_sup, n_tok = dist.sum_ints(supervised_tokens(micro),
                                          sum(int((ids != pad_id).sum()) for ids, _ in micro))
             step_t = time.time()
-            loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device, n_sup, dist)
+            loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device, n_sup, dist, cfg.share_prefix)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             # Loss and gradients are all-reduced, so every rank takes the same branch here.
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -449,7 +482,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
 
             last = state["step"] == total
             if val and (state["step"] % cfg.eval_every == 0 or last):
-                v = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist)
+                v = evaluate_loss(model, val, cfg.batch_size, pad_id, cfg.precision, device, dist, cfg.share_prefix)
                 record(kind="val", step=state["step"], val_loss=v, val_ppl=math.exp(min(v, 50)))
                 if v < state["best_val"]:
                     state.update(best_val=v, best_step=state["step"], bad_evals=0)

@@ -79,6 +79,70 @@ def test_bf16_weights_match_fp32_within_bf16_precision(ours):
     assert F.cosine_similarity(g32, g16, dim=0) > 0.98
 
 
+def _rows(tok, pairs):
+    """A right-padded batch of chat rows (each starts with the system turn, as training rows do)."""
+    enc = [tok.encode_for_training(row_messages(q, a)) for q, a in pairs]
+    T = max(len(i) for i, _ in enc)
+    return (torch.tensor([i + [tok.pad_id] * (T - len(i)) for i, _ in enc]),
+            torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in enc]))
+
+
+def test_shared_prefix_gives_what_running_every_row_whole_gives(ours):
+    """Rows that share their first P tokens (the system turn) run as one packed sequence with the
+    prefix computed once: the same hidden states at every position (padding included) and, in fp32,
+    the same loss and LoRA gradients (<= 1e-4 relative) as running every row whole; bf16 stays within
+    bf16's rounding of the plain bf16 path."""
+    from medlora.trainer import MIN_SHARED_PREFIX, shared_prefix_length
+
+    base, tok = ours
+    ids, labels = _rows(tok, [(QUESTION, ANSWER), ("What causes high blood pressure?", ANSWER[:120]),
+                              ("Is anemia inherited?", "Some kinds are. " + ANSWER[:60])])
+    P = shared_prefix_length(ids)
+    system = len(tok.encode_chat(row_messages(QUESTION)[:1]))
+    assert system <= P < ids.shape[1] and P >= MIN_SHARED_PREFIX  # the system turn and a little more
+    model = _lora_model(base)
+    model.train()
+    with torch.no_grad():
+        whole, packed = model(ids, hidden_only=True), model(ids, hidden_only=True, shared_prefix=P)
+    assert packed.shape == whole.shape
+    assert torch.allclose(packed, whole, atol=1e-4, rtol=1e-4), (packed - whole).abs().max()
+    for precision in ("fp32", "bf16"):
+        m = model if precision == "fp32" else _lora_model(base, torch.bfloat16)
+        out = {}
+        for share in (False, True):
+            m.zero_grad(set_to_none=True)
+            loss, n = batch_loss(m, ids, labels, precision, share_prefix=share)
+            (loss / n).backward()
+            out[share] = (loss.item(), _grads(m))
+        (l0, g0), (l1, g1) = out[False], out[True]
+        if precision == "fp32":
+            assert abs(l1 - l0) <= 1e-4 * abs(l0)
+            assert ((g1 - g0).norm() / g0.norm()).item() <= 1e-4
+        else:  # two bf16 roundings of one computation: as far apart as either is from fp32 (measured ~4%)
+            assert abs(l1 - l0) <= 1e-2 * abs(l0)
+            assert F.cosine_similarity(g0, g1, dim=0) > 0.99
+
+
+def test_shared_prefix_length_and_when_it_is_used():
+    from helpers import tiny_model
+
+    from medlora.trainer import MIN_SHARED_PREFIX, batch_hidden, shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 1], [5, 6, 7, 8, 2]])
+    assert shared_prefix_length(ids) == 3 and shared_prefix_length(ids[:1]) == 5
+    model, calls = tiny_model(), []
+    real = model._forward_shared
+    model._forward_shared = lambda idx, P, h: calls.append(P) or real(idx, P, h)
+    g = torch.Generator().manual_seed(0)
+    same = torch.randint(3, 97, (1, 40), generator=g).expand(3, 40).clone()  # identical rows: share all but one
+    batch_hidden(model, same)
+    short = torch.cat((same[:, :MIN_SHARED_PREFIX - 1], torch.randint(3, 97, (3, 9), generator=g)), 1)
+    batch_hidden(model, short)  # a prefix too short to be worth a pass: the plain path
+    batch_hidden(model, same[:1])  # one row: nothing to share
+    batch_hidden(model, same, share_prefix=False)
+    assert calls == [39]
+
+
 def test_prefill_head_on_last_position_equals_full_logits(ours):
     model, tok = ours
     ids = torch.tensor([tok.encode_chat(row_messages(QUESTION), add_generation_prompt=True)])
@@ -265,9 +329,11 @@ def test_recomputed_norms_and_swiglu_give_the_same_gradients_in_less_memory(ours
     assert kept < {"fp32": 0.9, "bf16": 0.8}[precision] * kept0, (kept, kept0)
 
 
-def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monkeypatch):
+@pytest.mark.parametrize("shared", [0, 16])
+def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monkeypatch, shared):
     """--grad-checkpoint recomputes whole blocks; the norms/SwiGLU recompute inside them is off (it
-    would only run them a third time). Same loss and gradients as without either."""
+    would only run them a third time). Same loss and gradients as without either, also for rows
+    that share a prefix (run packed)."""
     import medlora.model as M
     from helpers import randomize_lora, tiny_model
 
@@ -275,7 +341,8 @@ def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monke
     inject_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL_TARGETS))
     randomize_lora(model)
     model.train()
-    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids[1, :shared] = ids[0, :shared]
     labels = ids.clone()
     calls = []
     real = M.checkpoint
@@ -313,8 +380,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path):
     compile_blocks(compiled)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     g = torch.Generator().manual_seed(0)
-    for T in (12, 17):
+    for T, shared in ((12, 0), (17, 0), (26, 16), (31, 18)):  # rows sharing a prefix run packed (SharedPrefix)
         ids = torch.randint(3, 97, (2, T), generator=g)
+        ids[1, :shared] = ids[0, :shared]
         labels = ids.clone()
         labels[:, : T // 3] = IGNORE
         out = []

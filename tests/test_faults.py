@@ -205,8 +205,8 @@ def nan_at_step(monkeypatch, bad_step: int) -> None:
     """Make the loss of the first micro-batch of optimizer step `bad_step` NaN."""
     real, calls = trainer.batch_loss, {"n": 0}
 
-    def poisoned(model, ids, labels, precision):
-        loss, n = real(model, ids, labels, precision)
+    def poisoned(model, ids, labels, precision, share_prefix=True):
+        loss, n = real(model, ids, labels, precision, share_prefix)
         if model.training and torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 2 * (bad_step - 1) + 1:  # grad_accum = 2 micro-batches per step
