@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "steps and a lower memory peak (bench/results)")
     g.add_argument("--no-share-prefix", action="store_true",
                    help="run every row whole instead of computing the rows' common prefix (the system turn) once "
-                        "per batch; same losses, ~1.4x slower (bench/results)")
+                        "per batch; same losses, 1.3-1.6x slower (bench/results)")
     g.add_argument("--on-nan", choices=["stop", "skip"], default="stop")
     g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("run")

@@ -274,7 +274,7 @@ def _f(x, fmt="{:.0f}"):
 
 
 def _prefix_note(inputs: dict) -> str:
-    p = inputs.get("shared_prefix_per_batch") or [0]
+    p = inputs["shared_prefix_per_batch"]
     return f"{min(p)}" + (f"-{max(p)}" if max(p) != min(p) else "") + " tokens"
 
 

@@ -225,6 +225,7 @@ class Llama(nn.Module):
         mask:  boolean [B, 1, T, S] (True = may attend) over the S = cached + T slots; default is
                causal, which is also right for right-padded training batches (real tokens never
                see the padding that follows them).
+               A SharedPrefix instead when the batch is packed (see shared_prefix).
         cache: a KVCache to read and extend (generation).
         shared_prefix: P > 0 when every row starts with the same P tokens (training: the system
                turn). The prefix is computed once, not B times (SharedPrefix); same output.
