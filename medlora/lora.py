@@ -34,6 +34,39 @@ class AdapterError(RuntimeError):
     """An adapter does not fit the model or is malformed; the message names file and tensor."""
 
 
+class _LoRAMatmul(torch.autograd.Function):
+    """y = x W^T + (x_a A^T) B^T for 2-D x, with W frozen and x_a = dropout(x), gradients written out.
+
+    The same numbers autograd gives for the formula; written by hand for the orientation of LoRA's thin
+    matmuls. On a CPU a product whose *output* is thin ([T, out] x [out, r]) runs 2-4x slower than the
+    same product transposed ([r, out] x [out, T]), so each is computed with r as its row count:
+    dB = (h^T dy)^T, dh = (B^T dy^T)^T. Adds fold into addmm. One LoRA layer's forward + backward at a
+    training batch's shapes (T=1285, 576 -> 1536): fp32 28.8 -> 27.1 ms (the base alone: 23.5).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_a, w, a, b):
+        h = (a @ x_a.t()).t()  # [T, r]
+        ctx.save_for_backward(x_a, w, a, b, h)
+        ctx.same_input = x_a is x  # no dropout: one input, one gradient
+        return torch.addmm(x @ w.t(), h, b.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x_a, w, a, b, h = ctx.saved_tensors
+        dh = (b.t() @ dy.t()).t()  # [T, r]
+        db = (h.t() @ dy).t() if ctx.needs_input_grad[4] else None
+        da = dh.t() @ x_a if ctx.needs_input_grad[3] else None
+        dx = dx_a = None
+        if ctx.same_input and ctx.needs_input_grad[0]:
+            dx = torch.addmm(dy @ w, dh, a)
+        else:
+            dx = dy @ w if ctx.needs_input_grad[0] else None
+            dx_a = dh @ a if ctx.needs_input_grad[1] else None
+        return dx, dx_a, None, da, db
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
@@ -51,13 +84,25 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
         if self.merged:
-            return y
+            return F.linear(x, self.weight)
         # LoRA weights are fp32 masters; they run in the activation dtype (autocast may lower it further).
         # The scaling multiplies B ([out, r]), not the [tokens, out] output: same product, fewer FLOPs.
+        x_a = self.dropout(x)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._train_forward(x, x_a)
+        # The formula as written. Compiled blocks take it too: Inductor picks its own kernels, and the
+        # hand-written backward below made compiled bf16 steps ~15% slower (measured).
         a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), a), b)
+        return F.linear(x, self.weight) + F.linear(F.linear(x_a, a), b)
+
+    def _train_forward(self, x: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
+        """The same product through _LoRAMatmul, in the dtype F.linear would compute in."""
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w, a, b = self.weight.to(dt), self.lora_A.weight.to(dt), (self.lora_B.weight * self.scaling).to(dt)
+        x2 = x.to(dt).reshape(-1, self.in_features)
+        x_a2 = x2 if x_a is x else x_a.to(dt).reshape(-1, self.in_features)
+        return _LoRAMatmul.apply(x2, x_a2, w, a, b).view(*x.shape[:-1], self.out_features)
 
     def delta(self) -> torch.Tensor:
         """scaling · B @ A in float32 (merging in bf16 loses the small update)."""

@@ -314,11 +314,37 @@ def plain(fn, *args):
     return fn(*args)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32)])
+def test_rmsnorm_written_out_backward_matches_autograd(dtypes):
+    """_RMSNormFn (eager training's norm) against autograd on the formula (RMSNorm._norm): output,
+    input gradient and, for a trainable norm, the weight's; activations and weight in each dtype pair."""
+    from medlora.model import RMSNorm
+
+    x_dtype, w_dtype = dtypes
+    norm = RMSNorm(48, 1e-5).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = (torch.randn(2, 7, 48) * 3).to(x_dtype).requires_grad_()
+    dy = torch.randn(2, 7, 48)
+
+    def run(fn):
+        x.grad = norm.weight.grad = None
+        y = fn(x)
+        y.backward(dy.to(y.dtype))
+        return [t.float() for t in (y, x.grad, norm.weight.grad)]
+
+    ours, ref = run(norm), run(norm._norm)
+    tol = 1e-6 if x_dtype == torch.float32 else 1e-2
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() <= tol
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_recomputed_norms_and_swiglu_give_the_same_gradients_in_less_memory(ours, monkeypatch, precision):
-    """model.recompute keeps only the inputs of the norms and of silu(g)*u for the backward pass:
-    identical loss and gradients (the recompute runs the same code), less memory kept: in fp32 the
-    norms' and silu's outputs; in bf16 also the norms' fp32 internals."""
+def test_recomputed_swiglu_and_written_out_norms_give_the_same_gradients_in_less_memory(ours, monkeypatch, precision):
+    """model.recompute keeps only the inputs of silu(g)*u for the backward pass, and _RMSNormFn only
+    the norm's input and 1/rms: the same loss and gradients as autograd storing everything, less
+    memory kept (in fp32 the norms' and silu's outputs; in bf16 also the norms' fp32 internals)."""
     import medlora.model as M
 
     base, tok = ours
@@ -327,16 +353,21 @@ def test_recomputed_norms_and_swiglu_give_the_same_gradients_in_less_memory(ours
     ids, labels = _batch(tok)
     monkeypatch.setattr(M, "recompute", M.recompute)  # restored after the test
     loss, grads, kept = _saved_bytes(model, ids, labels, precision, M.recompute)
+    monkeypatch.setattr(M.RMSNorm, "forward", lambda self, x: self._norm(x))  # the norm's formula, autograd's backward
     loss0, grads0, kept0 = _saved_bytes(model, ids, labels, precision, plain)  # autograd stores everything
     assert abs(loss - loss0) <= 1e-6 * abs(loss0)
-    assert torch.allclose(grads, grads0, rtol=1e-4, atol=1e-7)
+    if precision == "fp32":
+        assert torch.allclose(grads, grads0, rtol=1e-4, atol=1e-7)
+    else:  # bf16 rounds the written-out backward's results at other points: far inside bf16's own ~4% error
+        print("bf16 gradient difference", ((grads - grads0).norm() / grads0.norm()).item())
+        assert (grads - grads0).norm() <= 5e-3 * grads0.norm()
     assert kept < {"fp32": 0.9, "bf16": 0.8}[precision] * kept0, (kept, kept0)
 
 
 @pytest.mark.parametrize("shared", [0, 16])
 def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monkeypatch, shared):
-    """--grad-checkpoint recomputes whole blocks; the norms/SwiGLU recompute inside them is off (it
-    would only run them a third time). Same loss and gradients as without either, also for rows
+    """--grad-checkpoint recomputes whole blocks; the SwiGLU recompute inside them is off (it would
+    only run it a third time). Same loss and gradients as without either, also for rows
     that share a prefix (run packed)."""
     import medlora.model as M
     from helpers import randomize_lora, tiny_model
@@ -358,11 +389,12 @@ def test_grad_checkpointing_recomputes_each_block_once_not_its_parts_again(monke
         model.zero_grad(set_to_none=True)
         loss, n = batch_loss(model, ids, labels, "fp32")
         (loss / n).backward()
-        out[whole] = (loss.item(), _grads(model), len(calls))
+        out[whole] = (loss.item(), _grads(model), list(calls))
     layers = model.config.num_hidden_layers
-    # Without: two norms + SwiGLU per block and the final norm, less the first norm (its input, the
-    # frozen embedding's output, needs no gradient). With: one per block and the final norm.
-    assert out[False][2] == 3 * layers and out[True][2] == layers + 1
+    # Without: SwiGLU's recompute in each block (the norms keep their input themselves: _RMSNormFn).
+    # With: each block once, as a whole, and nothing recomputed inside it.
+    assert out[False][2] == [M.swiglu] * layers
+    assert len(out[True][2]) == layers and M.swiglu not in out[True][2]
     assert abs(out[True][0] - out[False][0]) <= 1e-6 * abs(out[False][0])
     assert torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)
 

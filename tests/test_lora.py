@@ -64,6 +64,39 @@ def test_only_lora_params_train_and_all_get_gradients(checkpointing):
     assert m.model.embed_tokens.weight.grad is None and m.lm_head.weight is m.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast):
+    """Training runs LoRALinear through _LoRAMatmul (its backward written out for speed); it must
+    give what autograd gives on y = x W^T + scaling * dropout(x) A^T B^T, input gradient included."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=dropout).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    dy = torch.randn(3, 5, 40)
+
+    def run(fn):
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+        torch.manual_seed(1)  # the same dropout mask for both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        y.float().backward(dy)
+        return [y.float(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+    def formula(x):
+        h = torch.nn.functional.dropout(x, dropout, training=True) @ layer.lora_A.weight.t()
+        return x @ layer.weight.t() + h @ (layer.lora_B.weight * layer.scaling).t()
+
+    ours, ref = run(layer), run(formula)
+    tol = 2e-2 if autocast else 1e-5  # bf16 rounds each product; fp32 differs only in summation order
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() <= tol
+    if dropout == 0:
+        with torch.no_grad():  # inference takes the formula itself
+            assert torch.allclose(layer(x), formula(x), atol=1e-5)
+
+
 def test_scaling_and_rslora():
     lin = torch.nn.Linear(8, 8, bias=False)
     assert LoRALinear(lin, rank=4, alpha=8).scaling == 2.0
