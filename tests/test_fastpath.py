@@ -220,6 +220,22 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
 
 
+def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
+    from bench.run import BenchConfig, jobs_for, keep_best_rounds
+
+    labels = [label for _, label, _, _ in jobs_for(BenchConfig(rounds=3), {}, None)]
+    assert labels.count("medlora fp32") == labels.count("hf+peft bf16 #3") == 1
+    assert labels.index("hf+peft fp32 #2") < labels.index("medlora fp32 #2")  # HF first in round 2
+    assert labels.index("medlora fp32 #3") < labels.index("hf+peft fp32 #3")
+    got = keep_best_rounds({"medlora fp32": {"tok_per_s": 300.0, "run": 1}, "hf+peft fp32": {"tok_per_s": 200.0},
+                            "hf+peft fp32 #2": {"tok_per_s": 210.0, "run": 2}, "medlora fp32 #2": {"tok_per_s": 290.0},
+                            "medlora bf16": {"tok_per_s": 600.0}, "medlora bf16 #2": {"error": "killed"}})
+    assert list(got) == ["medlora fp32", "hf+peft fp32", "medlora bf16"]
+    assert got["medlora fp32"] == {"tok_per_s": 300.0, "run": 1, "tok_per_s_readings": [300.0, 290.0]}
+    assert got["hf+peft fp32"]["run"] == 2 and got["hf+peft fp32"]["tok_per_s_readings"] == [200.0, 210.0]
+    assert got["medlora bf16"] == {"error": "killed"}  # a failed run is not hidden by a good one
+
+
 def readme_performance_rows(rec: dict) -> list[str]:
     """The README's Performance table rows (and two numbers of its prose), typed from a bench record."""
     r, s = rec["results"], rec["summary"]
