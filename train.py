@@ -89,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     g.add_argument("--clip", type=positive_float, default=1.0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations (less memory)")
-    g.add_argument("--compile", action="store_true", help="torch.compile each block (~30 s at the start): faster "
-                                                          "steps and a lower memory peak (bench/results)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block (~30 s at the start): a lower "
+                                                          "memory peak, steps about as fast as eager (bench/results)")
     g.add_argument("--no-share-prefix", action="store_true",
                    help="run every row whole instead of computing the rows' common prefix (the system turn) once "
                         "per batch; same losses, 1.3-1.6x slower (bench/results)")

@@ -25,8 +25,9 @@ def recompute(fn, *args: torch.Tensor) -> torch.Tensor:
 
     For the cheap elementwise steps (SwiGLU's silu(g); the norms' fp32 internals in compiled blocks,
     where eager training has _RMSNormFn keep even less), whose stored intermediates were a large
-    share of a LoRA step's activations: with 256-row head chunks, the bf16 peak fell 2,964 -> 2,441 MB at ~1% of the step's time (bench/results). Same numbers either
-    way: the recompute is the same code. Off inside a block `--grad-checkpoint` recomputes whole.
+    share of a LoRA step's activations: with 256-row head chunks, the bf16 peak fell 2,964 -> 2,441 MB
+    at ~1% of the step's time (bench/results). Same numbers either way: the recompute is the same
+    code. Off inside a block `--grad-checkpoint` recomputes whole.
     """
     if torch.is_grad_enabled() and _recompute_on and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)  # fn draws no random numbers

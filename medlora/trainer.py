@@ -199,7 +199,8 @@ def compile_blocks(model: Llama) -> None:
     picks what to keep for the backward pass itself; the matmuls and attention stay the same kernels.
     Measured on 2 CPU cores, 8 x <=256-token MedQuAD batches (the bench's `compile` rows, two runs):
     fp32 +9-12% tokens/s and peak memory 4.2-4.5 -> 2.8 GB; bf16 +14-16%, 2.5 -> 1.9 GB (the eager
-    step's peak grows with heap fragmentation; the compiled one allocates fewer, larger buffers).
+    step's peak grows with heap fragmentation; the compiled one allocates fewer, larger buffers). Since
+    eager training writes LoRA's and the norms' backward out, the speed gain is ~0-2%; the memory one stays.
     Costs ~30 s of compiling at the first step (and once more for the first no-grad validation).
     `dynamic=True`: batch lengths vary, one graph serves them all; the 30 blocks share it. Same loss
     and gradients as eager within fp32 rounding (tests/test_fastpath.py).
