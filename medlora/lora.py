@@ -89,8 +89,8 @@ class LoRALinear(nn.Module):
         # LoRA weights are fp32 masters; they run in the activation dtype (autocast may lower it further).
         # The scaling multiplies B ([out, r]), not the [tokens, out] output: same product, fewer FLOPs.
         x_a = self.dropout(x)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._train_forward(x, x_a)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not self.weight.requires_grad:
+            return self._train_forward(x, x_a)  # (a base weight someone unfroze takes autograd's path below)
         # The formula as written. Compiled blocks take it too: Inductor picks its own kernels, and the
         # hand-written backward below made compiled bf16 steps ~15% slower (measured).
         a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)

@@ -85,7 +85,7 @@ class _RMSNormFn(torch.autograd.Function):
         dx = torch.addcmul(g * r, h, coef, value=-1).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:  # a trainable norm (not LoRA's case)
-            dw = (dy * (h * r).to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+            dw = (dy * (h * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return dx, dw, None
 
 

@@ -97,6 +97,18 @@ def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast)
             assert torch.allclose(layer(x), formula(x), atol=1e-5)
 
 
+def test_an_unfrozen_base_weight_still_gets_its_gradient():
+    """_LoRAMatmul treats W as frozen; a LoRALinear whose base someone unfroze must not lose W's gradient."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(24, 40, bias=False), rank=4, alpha=8).train()
+    layer.weight.requires_grad_(True)
+    x = torch.randn(3, 5, 24)
+    layer(x).square().sum().backward()
+    expected = torch.func.grad(lambda w: (x @ w.t() + x @ layer.lora_A.weight.t() @ (layer.lora_B.weight * layer.scaling).t())
+                               .square().sum())(layer.weight.detach())
+    assert layer.weight.grad is not None and torch.allclose(layer.weight.grad, expected, atol=1e-5)
+
+
 def test_scaling_and_rslora():
     lin = torch.nn.Linear(8, 8, bias=False)
     assert LoRALinear(lin, rank=4, alpha=8).scaling == 2.0
