@@ -212,8 +212,10 @@ def keep_best_rounds(results: dict) -> dict:
     for label, r in results.items():
         base = label.split(" #")[0]
         kept = merged.get(base)
-        if kept is None or "error" in r or "error" in kept:
-            merged[base] = kept if kept is not None and "error" in kept else r
+        if kept is not None and "error" in kept:
+            continue  # an earlier run failed: that stays the result
+        if kept is None or "error" in r:
+            merged[base] = r
             continue
         readings = kept.get("tok_per_s_readings", [kept["tok_per_s"]]) + [r["tok_per_s"]]
         merged[base] = {**(r if r["tok_per_s"] > kept["tok_per_s"] else kept), "tok_per_s_readings": readings}

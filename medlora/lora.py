@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ALL_TARGETS, LoRAConfig
+from .model import written_out_backward
 
 PEFT_PREFIX = "base_model.model."
 
@@ -89,17 +90,21 @@ class LoRALinear(nn.Module):
         # LoRA weights are fp32 masters; they run in the activation dtype (autocast may lower it further).
         # The scaling multiplies B ([out, r]), not the [tokens, out] output: same product, fewer FLOPs.
         x_a = self.dropout(x)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not self.weight.requires_grad:
+        if written_out_backward() and not self.weight.requires_grad:
             return self._train_forward(x, x_a)  # (a base weight someone unfroze takes autograd's path below)
-        # The formula as written. Compiled blocks take it too: Inductor picks its own kernels, and the
-        # hand-written backward below made compiled bf16 steps ~15% slower (measured).
-        a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
+        # The formula as written: inference, compiled blocks (compiled bf16 steps were ~15% slower with
+        # the hand-written backward, measured), and a trainable base weight.
+        a, b = self._lora_weights(x.dtype)
         return F.linear(x, self.weight) + F.linear(F.linear(x_a, a), b)
+
+    def _lora_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and scaling * B in `dtype`; the fp32 masters get their gradients back through the cast."""
+        return self.lora_A.weight.to(dtype), (self.lora_B.weight * self.scaling).to(dtype)
 
     def _train_forward(self, x: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
         """The same product through _LoRAMatmul, in the dtype F.linear would compute in."""
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        w, a, b = self.weight.to(dt), self.lora_A.weight.to(dt), (self.lora_B.weight * self.scaling).to(dt)
+        w, (a, b) = self.weight.to(dt), self._lora_weights(dt)
         x2 = x.to(dt).reshape(-1, self.in_features)
         x_a2 = x2 if x_a is x else x_a.to(dt).reshape(-1, self.in_features)
         return _LoRAMatmul.apply(x2, x_a2, w, a, b).view(*x.shape[:-1], self.out_features)

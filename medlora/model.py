@@ -34,6 +34,13 @@ def recompute(fn, *args: torch.Tensor) -> torch.Tensor:
     return fn(*args)
 
 
+def written_out_backward() -> bool:
+    """Whether a layer with a hand-written backward (_RMSNormFn, lora._LoRAMatmul) should use it: in
+    eager training. No-grad runs need no backward; compiled blocks take the plain formulas, which
+    Inductor fuses and differentiates itself (the hand-written LoRA made compiled steps slower)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _whole_block(block: nn.Module, *args):
     """Run a block that is checkpointed as a whole: nothing inside it needs its own recompute."""
     global _recompute_on
@@ -51,15 +58,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if written_out_backward():
             return _RMSNormFn.apply(x, self.weight, self.eps)
-        return recompute(self._norm, x)  # Inductor fuses the chain in a compiled block; no-grad runs it as is
+        return recompute(self._norm, x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x / rms(x), 1 / rms(x)): normalised in fp32 whatever the activation dtype, as the reference does."""
+    h = x.float()
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h * r).to(x.dtype), r
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -70,10 +81,9 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        h = x.float()
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        y, r = rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return weight * (h * r).to(x.dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
