@@ -14,7 +14,9 @@ rows train on the same rows in random batches padded to their longest row, as th
 (HF Trainer, TRL) feeds a model by default. Results go to
 `bench/results/NAME.json` and `NAME.md`; ratios are printed. `--quick` is a seconds-long smoke run
 for CI (it checks that everything runs, never a speed). `--before REF` adds medlora as of a git
-commit, measured in the same run, for before/after tables.
+commit, measured in the same run, for before/after tables. `--device cuda` runs the same
+comparison on a GPU (`cuda_config`: bigger batches, bf16-first extras, the GPU's own matmul peak,
+GPU memory instead of RSS; no quantised decoders or llama.cpp, which are CPU paths here).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -55,12 +58,25 @@ class BenchConfig:
     extras: bool = True  # extra rows: grad checkpointing, HF with bf16 weights, medlora bf16 with fp32 weights
     before: str | None = None
     threads: int | None = None
+    device: str = "cpu"
+    job_timeout: float | None = None  # seconds; a job past it is recorded as an error (a hung compile, say)
 
 
 def quick_config(cfg: BenchConfig) -> BenchConfig:
     cfg.precisions, cfg.batch_size, cfg.max_len, cfg.rows = ["fp32"], 2, 128, 200
     cfg.warmup, cfg.steps, cfg.new_tokens, cfg.gen_batch_sizes = 0, 1, 4, [1, 2]
     cfg.prefill_len, cfg.repeats, cfg.matmul_tokens, cfg.extras, cfg.rounds = 64, 1, 128, False, 1
+    return cfg
+
+
+def cuda_config(cfg: BenchConfig) -> BenchConfig:
+    """A GPU runs a 135M model's 8 x 256-token batches mostly on kernel launch overhead: batches of
+    16 rows up to 512 tokens (the GPU runs in docs/runs used 16 x up to 1024), more timed steps, a
+    matmul peak at a batch's token count, and batch 64 decoding (eval.py's GPU batch size)."""
+    cfg.name, cfg.device = "cuda", "cuda"
+    cfg.batch_size, cfg.max_len, cfg.rows, cfg.warmup, cfg.steps = 16, 512, 3000, 3, 20
+    cfg.matmul_tokens, cfg.repeats, cfg.new_tokens, cfg.gen_batch_sizes = 8192, 3, 64, [1, 16, 64]
+    cfg.job_timeout = 150
     return cfg
 
 
@@ -141,12 +157,15 @@ def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, ran
 
 
 # ----------------------------------------------------------------------------------------------
-def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT) -> dict:
+def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT, timeout: float | None = None) -> dict:
     path = work / f"spec-{spec['label'].replace(' ', '_').replace('@', '-')}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": f"{medlora_root}{os.pathsep}{ROOT}"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
-                       capture_output=True, text=True, env=env)
+    env = {**os.environ, "PYTHONPATH": f"{medlora_root}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
+                           capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
     lines = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")]
     if r.returncode != 0 or not lines:
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
@@ -160,23 +179,27 @@ DECODERS = ("medlora", "medlora-int8", "medlora-int4")
 def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tuple[str, str, dict, Path]]:
     """(job, label, spec, medlora root) in the order they run."""
     common = {**base, "rank": cfg.rank, "dropout": cfg.dropout, "warmup": cfg.warmup, "steps": cfg.steps,
-              "threads": cfg.threads}
-    jobs = [("matmul", "matmul", {"tokens": cfg.matmul_tokens, "repeats": max(3, cfg.repeats)}, ROOT)]
+              "threads": cfg.threads, "device": cfg.device}
+    cpu = cfg.device == "cpu"
+    jobs = [("matmul", "matmul", {"tokens": cfg.matmul_tokens, "repeats": max(3, cfg.repeats), "device": cfg.device}, ROOT)]
     for prec in cfg.precisions:
         jobs.append(("train", f"medlora {prec}", {**common, "impl": "medlora", "precision": prec}, ROOT))
         if before_root is not None:
             jobs.append(("train", f"medlora@{cfg.before} {prec}", {**common, "impl": "medlora", "precision": prec},
                          before_root))
         jobs.append(("train", f"hf+peft {prec}", {**common, "impl": "hf", "precision": prec}, ROOT))
-        if cfg.extras:  # HF as the usual stack feeds it (shuffled batches padded to their longest row); train.py --compile
+        if cfg.extras and (cpu or prec == "bf16"):  # HF as usually fed (shuffled, padded batches); train.py --compile
             jobs += [("train", f"hf+peft {prec} shuffled", {**common, "impl": "hf", "precision": prec,
                                                             "batching": "shuffled"}, ROOT),
                      ("train", f"medlora {prec} compile", {**common, "impl": "medlora", "precision": prec,
                                                             "compile": True}, ROOT)]
-    if cfg.extras:  # what computing the shared prefix once buys: every row run whole
-        jobs += [("train", f"medlora {prec} no-share-prefix", {**common, "impl": "medlora", "precision": prec,
-                                                              "share_prefix": False}, ROOT) for prec in cfg.precisions]
-    if cfg.extras and "bf16" in cfg.precisions:
+    if cfg.extras:  # what computing the shared prefix once buys (every row run whole; on CUDA, the other way round)
+        flag = "no-share-prefix" if cpu else "share-prefix"
+        jobs += [("train", f"medlora {prec} {flag}", {**common, "impl": "medlora", "precision": prec,
+                                                     "share_prefix": not cpu}, ROOT) for prec in cfg.precisions]
+    if cfg.extras and not cpu and "bf16" in cfg.precisions:  # on a GPU the usual stack keeps bf16 weights too
+        jobs.append(("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT))
+    if cfg.extras and cpu and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
                  ("train", "medlora bf16 shuffled", {**common, "impl": "medlora", "precision": "bf16", "batching": "shuffled"}, ROOT),
@@ -193,13 +216,16 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     # bf16 shape that read 429 in the previous run; the best of both is the ceiling FLOP utilisation uses.
     jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
     gen = {**base, "new_tokens": cfg.new_tokens, "batch_sizes": cfg.gen_batch_sizes, "repeats": cfg.repeats,
-           "threads": cfg.threads}
-    impls = [*DECODERS, "hf"] + (["llamacpp"] if base.get("gguf") else [])
+           "threads": cfg.threads, "device": cfg.device}
+    decoders = DECODERS if cpu else DECODERS[:1]  # int8/int4 decoding use CPU kernels
+    impls = [*decoders, "hf"] + (["llamacpp"] if base.get("gguf") and cpu else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))
+    if not cpu:  # a GPU decodes in bf16 (eval.py/serve.py --dtype auto): both sides with bf16 weights
+        jobs += [("gen", f"gen {impl} bf16", {**gen, "impl": impl, "dtype": "bf16"}, ROOT) for impl in ("medlora", "hf")]
     if cfg.extras:  # the compiled decode step (serve.py --compile); compiling takes a minute or two per job
         jobs += [("gen", f"gen {impl}+compile", {**gen, "impl": impl, "compile": True}, ROOT)
-                 for impl in DECODERS]
+                 for impl in decoders]
     for _, label, spec, _ in jobs:
         spec["label"] = label
     return jobs
@@ -276,6 +302,10 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         lc = results.get("gen llamacpp", {})
         if impl != "llamacpp" and lc and "error" not in lc:
             s["gen"][impl]["batch1_x_llamacpp"] = _ratio(r["batch1_tok_per_s"], lc["batch1_tok_per_s"])
+    ours16, hf16 = results.get("gen medlora bf16", {}), results.get("gen hf bf16", {})
+    if ours16 and hf16 and "error" not in ours16 and "error" not in hf16:  # bf16 weights on both sides (GPU)
+        s["gen"]["medlora bf16"] = {k.replace("_tok_per_s", "_x_hf_bf16"): _ratio(ours16[k], hf16.get(k))
+                                    for k in ours16 if k.endswith("tok_per_s")}
     ours = results.get("gen medlora", {})
     if ours and hf and "error" not in ours and "error" not in hf:
         s["gen"]["greedy_tokens_equal_hf"] = ours["greedy_tokens"] == hf["greedy_tokens"]
@@ -305,17 +335,21 @@ def _prefix_note(inputs: dict) -> str:
 
 def markdown(record: dict) -> str:
     cfg, res, s = record["config"], record["results"], record["summary"]
+    gpu = cfg.get("device", "cpu") == "cuda"
+    mem = "peak GPU memory" if gpu else "peak RSS"  # torch.cuda.max_memory_allocated on a GPU
+    where = f"{record['machine']['cuda']} (CUDA)" if gpu else f"{record['machine']['cpu']} ({record['machine']['threads']} threads)"
     lines = [f"# bench `{cfg['name']}` — {record['date']}", "",
-             f"{record['machine']['cpu']} ({record['machine']['threads']} threads), torch {record['versions']['torch']}, "
+             f"{where}, torch {record['versions']['torch']}, "
              f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}. "
              f"LoRA r={cfg['rank']} on all 7 projections, dropout {cfg['dropout']}, batch {cfg['batch_size']}, rows ≤ "
              f"{cfg['max_len']} tokens, length-bucketed ({record['inputs']['padding_share']:.1%} padding; the same rows in "
              f"shuffled batches: {record['inputs']['shuffled_padding_share']:.1%}), {cfg['steps']} timed steps after "
              f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G; "
              f"{s['train_flops_per_token_shared'] / 1e9:.3f} G when each batch's shared prefix (the system turn, "
-             f"{_prefix_note(record['inputs'])}) is computed once, as medlora does (FLOP/s counts what a run executes).", "",
+             f"{_prefix_note(record['inputs'])}) is computed once, as medlora does on a CPU (FLOP/s counts what a "
+             f"run executes).", *(["", record["note"]] if record.get("note") else []), "",
              "## Training", "",
-             "| run | tokens/s | s/step | peak RSS training (MB) | peak RSS incl. load (MB) | GFLOP/s | FLOP util | first loss |",
+             f"| run | tokens/s | s/step | {mem} training (MB) | {mem} incl. load (MB) | GFLOP/s | FLOP util | first loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in res.items():
         if label.startswith(("medlora", "hf")):
@@ -343,7 +377,7 @@ def markdown(record: dict) -> str:
                   ", ".join(f"{k} {v:.0f}" for k, v in mm.items()) + "."]
     lines += ["", "## Generation (greedy, no early stop)", "",
               "| run | batch 1 tok/s | " + " | ".join(f"batch {b} tok/s" for b in cfg["gen_batch_sizes"][1:]) +
-              " | prefill tok/s | peak RSS (MB) |", "|---|" + "---:|" * (len(cfg["gen_batch_sizes"]) + 2)]
+              f" | prefill tok/s | {mem} (MB) |", "|---|" + "---:|" * (len(cfg["gen_batch_sizes"]) + 2)]
     for label, r in res.items():
         if label.startswith("gen"):
             if "error" in r:
@@ -385,6 +419,44 @@ def versions() -> dict:
     return out
 
 
+def measured_commit() -> str:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                              "medlora", ":(glob)bench/*.py"], capture_output=True, text=True).stdout.strip()
+    return commit + ("+uncommitted changes" if changed else "")  # measured code != HEAD: say so in the record
+
+
+def write_record(cfg: BenchConfig, inputs: dict, results: dict, meta: dict, out: Path) -> dict:
+    """`out/NAME.json` (everything) and `out/NAME.md` (the tables) from the jobs' results."""
+    results = keep_best_rounds(results)
+    record = {**{k: v for k, v in meta.items() if k != "jobs"}, "config": asdict(cfg),
+              "inputs": {k: v for k, v in inputs.items() if not k.endswith("row_lengths")}, "results": results}
+    record["summary"] = summarise(cfg, inputs, results)
+    (out / f"{cfg.name}.json").write_text(json.dumps(record, indent=2))
+    md = markdown(record)
+    (out / f"{cfg.name}.md").write_text(md)
+    print(md)
+    print(f"[bench] wrote {out / (cfg.name + '.json')} and .md", file=sys.stderr)
+    return record
+
+
+def from_partial(path: Path, out: str | None, work: str | None) -> int:
+    """The record of a run that was cut short (a device's time limit, a kill): its finished jobs, its
+    machine and versions as saved; the inputs (deterministic) are prepared again here for the FLOP counts."""
+    saved = json.loads(path.read_text())
+    cfg = BenchConfig(**saved["config"])
+    cfg.out, cfg.work = out or str(ROOT / "bench" / "results"), work or str(ROOT / "bench" / ".work")
+    Path(cfg.work).mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    inputs = prepare_inputs(cfg, Path(cfg.work))
+    meta = {k: saved[k] for k in ("date", "commit", "machine", "versions")}
+    meta["note"] = (saved.get("note", "") + f" Assembled from a partial run: {len(saved['results'])} of "
+                    f"{saved['jobs']} jobs finished.").strip()
+    write_record(cfg, inputs, saved["results"], meta, Path(cfg.out))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI): tiny batches, fp32 only")
@@ -396,11 +468,20 @@ def main(argv=None) -> int:
     p.add_argument("--before", default=None, help="git ref: also measure medlora as of that commit")
     p.add_argument("--no-extras", action="store_true", help="skip the extra rows (grad checkpointing, bf16 variants)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU comparison (cuda_config)")
+    p.add_argument("--rounds", type=int, default=None, help="runs of each headline training pair (default 2)")
+    p.add_argument("--only", default=None, help="regex: run only the jobs whose label matches (the matmul peak always runs)")
+    p.add_argument("--from-partial", default=None, metavar="FILE",
+                   help="write the record of a cut-short run from its NAME.partial.json (runs nothing)")
     a = p.parse_args(argv)
-    cfg = quick_config(BenchConfig()) if a.quick else BenchConfig()
-    cfg.name = a.name or ("quick" if a.quick else "cpu")
+    if a.from_partial:
+        return from_partial(Path(a.from_partial), a.out, a.work)
+    cfg = BenchConfig()
+    cfg = cuda_config(cfg) if a.device == "cuda" else cfg
+    cfg = quick_config(cfg) if a.quick else cfg
+    cfg.name = a.name or ("quick" if a.quick else cfg.name)
     cfg.out, cfg.work = a.out or cfg.out, a.work or cfg.work
-    cfg.steps = a.steps or cfg.steps
+    cfg.steps, cfg.rounds = a.steps or cfg.steps, a.rounds or cfg.rounds
     cfg.precisions = a.precisions.split(",") if a.precisions else cfg.precisions
     cfg.before, cfg.threads = a.before, a.threads
     cfg.extras = cfg.extras and not a.no_extras
@@ -423,29 +504,24 @@ def main(argv=None) -> int:
             import llama_cpp  # noqa: F401
         except ImportError:
             base["gguf"] = None  # not installed: no llama.cpp row
-    results: dict = {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{cfg.name}.partial.json"
     jobs = jobs_for(cfg, base, before_root)
+    if a.only:
+        jobs = [j for j in jobs if j[0] == "matmul" or re.search(a.only, j[1])]
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": measured_commit(),
+            "machine": machine(), "versions": versions(), "config": asdict(cfg), "jobs": len(jobs)}
+    results: dict = {}
     for job, label, spec, root in tqdm(jobs, desc="bench", unit="job"):
-        results[label] = run_job(job, spec, work, root)
+        results[label] = run_job(job, spec, work, root, cfg.job_timeout)
         r = results[label]
         msg = r.get("error") or (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else
                                  f"b1 {r['batch1_tok_per_s']:.1f} tok/s" if "batch1_tok_per_s" in r else "ok")
         tqdm.write(f"[bench] {label}: {msg}")
-    results = keep_best_rounds(results)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
-                              "medlora", ":(glob)bench/*.py"], capture_output=True, text=True).stdout.strip()
-    commit += "+uncommitted changes" if changed else ""  # measured code != HEAD: say so in the record
-    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-              "machine": machine(), "versions": versions(), "config": asdict(cfg),
-              "inputs": {k: v for k, v in inputs.items() if not k.endswith("row_lengths")}, "results": results}
-    record["summary"] = summarise(cfg, inputs, results)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{cfg.name}.json").write_text(json.dumps(record, indent=2))
-    md = markdown(record)
-    (out / f"{cfg.name}.md").write_text(md)
-    print(md)
-    print(f"[bench] wrote {out / (cfg.name + '.json')} and .md", file=sys.stderr)
+        # A killed run keeps what it measured: `--from-partial` makes the record of it.
+        partial.write_text(json.dumps({**meta, "results": results}, indent=2))
+    write_record(cfg, inputs, results, meta, out)
+    partial.unlink()
     failed = [k for k, v in results.items() if "error" in v and not k.endswith("llamacpp")]
     return 1 if failed else 0

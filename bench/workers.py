@@ -2,9 +2,11 @@
 
 Each job runs in a fresh process so its peak memory is its own (VmHWM, reset after loading the
 model so "training peak" excludes the loader's transient buffers; the whole-process peak is
-reported too). Jobs: `matmul` (the CPU's own matmul peak at the model's shapes), `train`
+reported too). Jobs: `matmul` (the machine's own matmul peak at the model's shapes), `train`
 (LoRA steps, medlora or transformers+PEFT), `gen` (greedy decoding and prefill, medlora,
 transformers `generate`, or llama-cpp-python).
+On CUDA (`"device": "cuda"` in the spec) memory is the GPU's: torch.cuda.max_memory_allocated,
+reset after loading as VmHWM is on a CPU; every timed call ends with a device synchronise.
 """
 from __future__ import annotations
 
@@ -42,13 +44,39 @@ def reset_peak() -> bool:
         return False
 
 
-def timed(fn, warmup: int, n: int) -> list[float]:
+def on_cuda(spec: dict) -> bool:
+    return spec.get("device", "cpu") == "cuda"
+
+
+def sync(spec: dict) -> None:
+    """CUDA runs asynchronously: a timer read before the queued kernels finish measures nothing."""
+    if on_cuda(spec):
+        torch.cuda.synchronize()
+
+
+def peak_mb(spec: dict, field: str = "VmHWM") -> float:
+    """The peak (VmHWM) or current (VmRSS) memory: the process's on a CPU, the GPU's tensors on CUDA."""
+    if on_cuda(spec):
+        return (torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()) / 2**20
+    return _status_mb(field)
+
+
+def reset_peak_of(spec: dict) -> None:
+    if on_cuda(spec):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak()
+
+
+def timed(fn, warmup: int, n: int, spec: dict | None = None) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(n):
+        sync(spec or {})
         t = time.perf_counter()
         fn()
+        sync(spec or {})
         out.append(time.perf_counter() - t)
     return out
 
@@ -56,7 +84,7 @@ def timed(fn, warmup: int, n: int) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 def matmul(spec: dict) -> dict:
     """GFLOP/s of x @ W^T at the model's shapes, fp32 and bf16: the ceiling training works against."""
-    tokens = spec["tokens"]
+    tokens, device = spec["tokens"], spec.get("device", "cpu")
     shapes = {"attn 576->576": (576, 576), "kv 576->192": (576, 192), "mlp 576->1536": (576, 1536),
               "mlp 1536->576": (1536, 576), "head 576->49152": (576, 49152)}
     res = {}
@@ -64,8 +92,8 @@ def matmul(spec: dict) -> dict:
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
         for name, (i, o) in shapes.items():
             rows = tokens // 2 if "head" in name else tokens
-            x, w = torch.randn(rows, i, dtype=dtype), torch.randn(o, i, dtype=dtype)
-            ts = timed(lambda: F.linear(x, w), 2, spec["repeats"])
+            x, w = torch.randn(rows, i, dtype=dtype, device=device), torch.randn(o, i, dtype=dtype, device=device)
+            ts = timed(lambda: F.linear(x, w), 2, spec["repeats"], spec)
             res[f"{dt} {name}"] = 2 * rows * i * o / min(ts) / 1e9
         res[f"{dt} peak"] = max(v for k, v in res.items() if k.startswith(dt))
     return {"gflops": res}
@@ -80,6 +108,8 @@ def _medlora_train(spec: dict):
 
     bf16_weights = spec["precision"] == "bf16" and spec.get("bf16_weights", True)
     model, _, _ = load_pretrained(spec["folder"], dtype=torch.bfloat16 if bf16_weights else torch.float32, verbose=False)
+    device = torch.device(spec.get("device", "cpu"))
+    model.to(device)
     inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
     model.gradient_checkpointing = spec.get("grad_checkpoint", False)
     if spec.get("compile"):
@@ -89,13 +119,14 @@ def _medlora_train(spec: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    # Computing each batch's shared prefix once (the default; `--before` commits may predate it).
-    share = {"share_prefix": spec.get("share_prefix", True)}
+    # Computing each batch's shared prefix once: train.py's default for the device (on for a CPU, off
+    # for CUDA); `--before` commits may predate it.
+    share = {"share_prefix": spec.get("share_prefix", device.type != "cuda")}
     if "share_prefix" not in inspect.signature(accumulate_gradients).parameters:
         share = {}
 
     def step(ids, labels, lengths):
-        loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], torch.device("cpu"), **share)
+        loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], device, **share)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -108,7 +139,8 @@ def _hf_train(spec: dict):
     from transformers import LlamaForCausalLM
 
     dtype = torch.bfloat16 if spec["precision"] == "bf16" and spec.get("bf16_weights", False) else torch.float32
-    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=dtype)
+    device = torch.device(spec.get("device", "cpu"))
+    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=dtype).to(device)
     model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=spec["dropout"],
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     if spec.get("grad_checkpoint"):
@@ -121,8 +153,9 @@ def _hf_train(spec: dict):
 
     def step(ids, labels, lengths):
         att = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()  # right padding
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
-            out = model(input_ids=ids.masked_fill(att == 0, pad), attention_mask=att, labels=labels)
+        ids, att, labels = ids.masked_fill(att == 0, pad).to(device), att.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            out = model(input_ids=ids, attention_mask=att, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,19 +171,21 @@ def train(spec: dict) -> dict:
     t0 = time.perf_counter()
     step, n_train, shared_prefix = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
     load_s = time.perf_counter() - t0
-    loaded_mb, load_peak_mb = _status_mb("VmRSS"), _status_mb("VmHWM")
-    reset_peak()
+    loaded_mb, load_peak_mb = peak_mb(spec, "VmRSS"), peak_mb(spec)
+    reset_peak_of(spec)
     w = spec["warmup"]
     losses, times = [], []
     for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
+        sync(spec)
         t = time.perf_counter()
         losses.append(step(ids, labels, lengths))
+        sync(spec)
         if i >= w:
             times.append(time.perf_counter() - t)
     tokens = sum(sum(b[2]) for b in batches[w: w + spec["steps"]])
     return {"trainable_params": n_train, "load_s": load_s, "first_loss": losses[0], "losses": losses,
             "step_s": sum(times) / len(times), "tokens": tokens, "tok_per_s": tokens / sum(times),
-            "rss_after_load_mb": loaded_mb, "load_peak_mb": load_peak_mb, "train_peak_mb": _status_mb("VmHWM"),
+            "rss_after_load_mb": loaded_mb, "load_peak_mb": load_peak_mb, "train_peak_mb": peak_mb(spec),
             "threads": torch.get_num_threads(), "shared_prefix": shared_prefix}
 
 
@@ -159,8 +194,9 @@ def _medlora_gen(spec: dict):
     from medlora.generate import GenConfig, generate_ids
     from medlora.weights import load_pretrained
 
-    model, tok, _ = load_pretrained(spec["folder"], verbose=False)
-    model.eval()
+    dtype = torch.bfloat16 if spec.get("dtype") == "bf16" else torch.float32
+    model, tok, _ = load_pretrained(spec["folder"], dtype=dtype, verbose=False)
+    model.to(spec.get("device", "cpu")).eval()
     if spec["impl"] in ("medlora-int8", "medlora-int4"):
         from medlora.quant import quantize_int4, quantize_int8
 
@@ -183,14 +219,16 @@ def _medlora_gen(spec: dict):
 def _hf_gen(spec: dict):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval()
+    device = spec.get("device", "cpu")
+    dtype = torch.bfloat16 if spec.get("dtype") == "bf16" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=dtype).to(device).eval()
     pad = spec["pad_id"]
 
     @torch.no_grad()
     def run(prompts, n):
         P = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-        att = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)
+        att = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              pad_token_id=pad)
         return out[:, P:].tolist()
@@ -223,21 +261,21 @@ def gen(spec: dict) -> dict:
     t0 = time.perf_counter()
     run = {"medlora": _medlora_gen, "medlora-int8": _medlora_gen, "medlora-int4": _medlora_gen, "hf": _hf_gen,
            "llamacpp": _llamacpp_gen}[spec["impl"]](spec)
-    load_s, load_peak_mb = time.perf_counter() - t0, _status_mb("VmHWM")
-    reset_peak()
+    load_s, load_peak_mb = time.perf_counter() - t0, peak_mb(spec)
+    reset_peak_of(spec)
     n = spec["new_tokens"]
     res = {}
     for b in spec["batch_sizes"]:
         if spec["impl"] == "llamacpp" and b > 1:
             continue
         prompts = data["prompts"][:b]
-        ts = timed(lambda: run(prompts, n), 1, spec["repeats"])
+        ts = timed(lambda: run(prompts, n), 1, spec["repeats"], spec)
         res[f"batch{b}_tok_per_s"] = b * n / min(ts)
     first = run(data["prompts"][:1], n)[0]
     long_prompt = data["long_prompt"]
-    ts = timed(lambda: run([long_prompt], 1), 1, spec["repeats"])
+    ts = timed(lambda: run([long_prompt], 1), 1, spec["repeats"], spec)
     res.update(prefill_tokens=len(long_prompt), prefill_tok_per_s=len(long_prompt) / min(ts),
-               greedy_tokens=first, load_s=load_s, load_peak_mb=load_peak_mb, gen_peak_mb=_status_mb("VmHWM"))
+               greedy_tokens=first, load_s=load_s, load_peak_mb=load_peak_mb, gen_peak_mb=peak_mb(spec))
     return res
 
 

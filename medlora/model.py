@@ -204,8 +204,8 @@ class SharedPrefix:
             # The r query heads that share a KV head run as one sequence of their queries, under the mask
             # repeated per head: the same result as grouped-query attention, and PyTorch's CPU kernel is
             # faster without GQA (bf16 forward + backward at a training batch's shapes: 30 -> 22 ms).
-            q_rows = rows(q).reshape(B, n_kv, r * S, d)
-            y_rows = attend(q_rows, k_rows, v_rows, self.mask[:1].repeat(1, 1, r, 1)).view(B, H, S, d)
+            q_rows = rows(q).reshape(B, n_kv, r * S, d)  # (reshape below: CUDA's kernels return another layout)
+            y_rows = attend(q_rows, k_rows, v_rows, self.mask[:1].repeat(1, 1, r, 1)).reshape(B, H, S, d)
         return torch.cat((y_prefix, y_rows.transpose(0, 1).reshape(1, H, B * S, d)), dim=2)
 
 

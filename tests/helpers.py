@@ -12,6 +12,11 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
             bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+# Tests parametrized over DEVICES also run on a GPU when one is present (CI has none: skipped there);
+# `pytest -k cuda` on a GPU machine runs just those (bench/gpu_bench.sh).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 def tiny_model(seed: int = 0, **over) -> Llama:
     return init_weights(Llama(ModelConfig(**{**TINY, **over})), seed=seed).eval()
 

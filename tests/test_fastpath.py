@@ -18,6 +18,8 @@ from medlora.generate import GenConfig, generate_ids
 from medlora.lora import inject_lora
 from medlora.trainer import batch_loss
 
+from helpers import DEVICES  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 QUESTION = "What are the symptoms of anemia?"
 ANSWER = ("Anemia can make you feel tired and weak. Other symptoms include pale skin, shortness of breath, "
@@ -60,15 +62,16 @@ def test_lora_forward_equals_the_textbook_formula(ours):
     assert torch.allclose(lora(x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_weights_match_fp32_within_bf16_precision(ours):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_weights_match_fp32_within_bf16_precision(ours, device):
     """bf16 training stores the frozen base in bf16 (no per-step weight casts): the loss stays within
     bf16 rounding of the fp32 loss and the LoRA gradient points the same way."""
     base, tok = ours
-    ids, labels = _batch(tok)
-    ref = _lora_model(base)
+    ids, labels = (t.to(device) for t in _batch(tok))
+    ref = _lora_model(base).to(device)
     loss32, n = batch_loss(ref, ids, labels, "fp32")
     (loss32 / n).backward()
-    fast = _lora_model(base, torch.bfloat16)
+    fast = _lora_model(base, torch.bfloat16).to(device)
     fast.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
     assert all(p.dtype == torch.float32 for p in fast.parameters() if p.requires_grad)  # fp32 masters
     loss16, n16 = batch_loss(fast, ids, labels, "bf16")
@@ -87,7 +90,8 @@ def _rows(tok, pairs):
             torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in enc]))
 
 
-def test_shared_prefix_gives_what_running_every_row_whole_gives(ours):
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_prefix_gives_what_running_every_row_whole_gives(ours, device):
     """Rows that share their first P tokens (the system turn) run as one packed sequence with the
     prefix computed once: the same hidden states at every position (padding included) and, in fp32,
     the same loss and LoRA gradients (<= 1e-4 relative) as running every row whole; bf16 stays within
@@ -100,14 +104,15 @@ def test_shared_prefix_gives_what_running_every_row_whole_gives(ours):
     P = shared_prefix_length(ids)
     system = len(tok.encode_chat(row_messages(QUESTION)[:1]))
     assert system <= P < ids.shape[1] and P >= MIN_SHARED_PREFIX  # the system turn and a little more
-    model = _lora_model(base)
+    ids, labels = ids.to(device), labels.to(device)
+    model = _lora_model(base).to(device)
     model.train()
     with torch.no_grad():
         whole, packed = model(ids, hidden_only=True), model(ids, hidden_only=True, shared_prefix=P)
     assert packed.shape == whole.shape
     assert torch.allclose(packed, whole, atol=1e-4, rtol=1e-4), (packed - whole).abs().max()
     for precision in ("fp32", "bf16"):
-        m = model if precision == "fp32" else _lora_model(base, torch.bfloat16)
+        m = model if precision == "fp32" else _lora_model(base, torch.bfloat16).to(device)
         out = {}
         for share in (False, True):
             m.zero_grad(set_to_none=True)
@@ -218,6 +223,19 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert rec["summary"]["gen"]["greedy_tokens_equal_hf"] is True
     assert rec["summary"]["train"]["fp32"]["throughput_x"] > 0
     assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
+    assert not (tmp_path / "res" / "quick.partial.json").exists()  # only a cut-short run leaves one
+    # A run cut short (a device's time limit) keeps its finished jobs; --from-partial makes their record.
+    kept = ["matmul", "medlora fp32", "hf+peft fp32"]
+    saved = {k: rec[k] for k in ("date", "commit", "machine", "versions", "config")}
+    (tmp_path / "cut.json").write_text(json.dumps({**saved, "jobs": 9, "results": {k: res[k] for k in kept}}))
+    r = subprocess.run([sys.executable, "-m", "bench", "--from-partial", str(tmp_path / "cut.json"), "--out",
+                        str(tmp_path / "res2"), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec2 = json.loads((tmp_path / "res2" / "quick.json").read_text())
+    assert list(rec2["results"]) == kept and rec2["machine"] == rec["machine"]
+    assert "3 of 9 jobs finished" in rec2["note"] and "3 of 9 jobs finished" in (tmp_path / "res2" / "quick.md").read_text()
+    assert rec2["summary"]["train"]["fp32"] == rec["summary"]["train"]["fp32"]
 
 
 def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
@@ -234,6 +252,28 @@ def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
     assert got["medlora fp32"] == {"tok_per_s": 300.0, "run": 1, "tok_per_s_readings": [300.0, 290.0]}
     assert got["hf+peft fp32"]["run"] == 2 and got["hf+peft fp32"]["tok_per_s_readings"] == [200.0, 210.0]
     assert got["medlora bf16"] == {"error": "killed"}  # a failed run is not hidden by a good one
+
+
+def test_bench_on_cuda_runs_every_job_there_and_skips_the_cpu_only_paths(tmp_path):
+    """`python -m bench --device cuda`: every job gets the device; the int8/int4 decoders and
+    llama.cpp (CPU paths) are left out; both sides also decode with bf16 weights; a job past the
+    timeout is recorded as an error, not waited for."""
+    from bench.run import BenchConfig, cuda_config, jobs_for, run_job
+
+    jobs = jobs_for(cuda_config(BenchConfig()), {"gguf": "model.gguf"}, None)
+    labels = [label for _, label, _, _ in jobs]
+    assert all(spec["device"] == "cuda" for _, _, spec, _ in jobs)
+    assert not [x for x in labels if "int4" in x or "int8" in x or "llamacpp" in x]
+    assert {"gen medlora bf16", "gen hf bf16", "medlora bf16", "hf+peft bf16 #2"} <= set(labels)
+    cpu_labels = [label for _, label, _, _ in jobs_for(BenchConfig(), {"gguf": "model.gguf"}, None)]
+    assert "gen llamacpp" in cpu_labels and "gen medlora-int4+compile" in cpu_labels
+    # The other layout than train.py's default for the device: rows whole on a CPU, the prefix shared on CUDA.
+    assert "medlora bf16 no-share-prefix" in cpu_labels and "medlora bf16 share-prefix" in labels
+    from medlora.cli import share_prefix_default
+
+    assert share_prefix_default(torch.device("cpu")) and not share_prefix_default(torch.device("cuda"))
+    spec = {"label": "slow", "tokens": 4096, "repeats": 100, "device": "cpu"}
+    assert run_job("matmul", spec, tmp_path, timeout=0.5) == {"error": "timed out after 0.5 s"}
 
 
 def readme_performance_rows(rec: dict) -> list[str]:
@@ -300,6 +340,39 @@ def test_readme_performance_numbers_come_from_the_bench_results():
     assert not missing, "README Performance differs from bench/results/cpu.json:\n" + "\n".join(missing)
 
 
+def readme_gpu_rows(rec: dict) -> list[str]:
+    """The README's GPU table rows that come from bench/results/cuda.json (its record of the H100 run)."""
+    r, g = rec["results"], rec["summary"]["gen"]["medlora"]
+    tps = lambda k: r[k]["tok_per_s"]  # noqa: E731
+    gb = lambda k: r[k]["train_peak_mb"] / 1000  # noqa: E731  (as the CPU table: MiB / 1000)
+    return [
+        f"| training bf16 autocast, tokens/s | {tps('medlora bf16'):,.0f} (prefix shared: "
+        f"{tps('medlora bf16 share-prefix'):,.0f}) | {tps('hf+peft bf16'):,.0f} | "
+        f"{tps('medlora bf16') / tps('hf+peft bf16'):.2f}× |",
+        f"| training fp32, tokens/s | {tps('medlora fp32 share-prefix'):,.0f} (prefix shared;",
+        f"| {tps('hf+peft fp32'):,.0f} | {tps('medlora fp32 share-prefix') / tps('hf+peft fp32'):.2f}× |",
+        f"| training bf16 / fp32, peak GPU memory | {gb('medlora bf16'):.1f} / {gb('medlora fp32 share-prefix'):.1f} GB "
+        f"| {gb('hf+peft bf16'):.1f} / {gb('hf+peft fp32'):.1f} GB | "
+        f"{r['medlora bf16']['train_peak_mb'] / r['hf+peft bf16']['train_peak_mb']:.2f}× / "
+        f"{r['medlora fp32 share-prefix']['train_peak_mb'] / r['hf+peft fp32']['train_peak_mb']:.2f}× |",
+        "| greedy decoding fp32, batch 1 / 16 / 64, tokens/s | " + " / ".join(
+            f"{r['gen medlora'][f'batch{b}_tok_per_s']:,.{1 if b == 1 else 0}f}" for b in (1, 16, 64)) + " | " +
+        " / ".join(f"{r['gen hf'][f'batch{b}_tok_per_s']:,.{1 if b == 1 else 0}f}" for b in (1, 16, 64)) + " | " +
+        " / ".join(f"{g[f'batch{b}_x_hf']:.2f}×" for b in (1, 16, 64)) + " |",
+        f"| prefill, {r['gen medlora']['prefill_tokens']}-token prompt, tokens/s | "
+        f"{r['gen medlora']['prefill_tok_per_s']:,.0f} | {r['gen hf']['prefill_tok_per_s']:,.0f} | {g['prefill_x_hf']:.2f}× |",
+    ]
+
+
+def test_readme_gpu_numbers_come_from_the_gpu_bench_record():
+    rec = json.loads((ROOT / "bench" / "results" / "cuda.json").read_text())
+    assert rec["machine"]["cuda"] and rec["config"]["device"] == "cuda"
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### On a GPU"):text.index("**Startup.**")]
+    missing = [row for row in readme_gpu_rows(rec) if row not in section]
+    assert not missing, "README's GPU table differs from bench/results/cuda.json:\n" + "\n".join(missing)
+
+
 def _saved_bytes(model, ids, labels, precision, recompute):
     """Loss, LoRA gradients and the bytes kept for the backward pass: what autograd saves plus what
     `recompute` keeps (its inputs, which autograd's hooks do not see), distinct storages, weights aside."""
@@ -332,17 +405,18 @@ def plain(fn, *args):
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                     (torch.bfloat16, torch.float32)])
-def test_rmsnorm_written_out_backward_matches_autograd(dtypes):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rmsnorm_written_out_backward_matches_autograd(dtypes, device):
     """_RMSNormFn (eager training's norm) against autograd on the formula (RMSNorm._norm): output,
     input gradient and, for a trainable norm, the weight's; activations and weight in each dtype pair."""
     from medlora.model import RMSNorm
 
     x_dtype, w_dtype = dtypes
-    norm = RMSNorm(48, 1e-5).to(w_dtype)
+    norm = RMSNorm(48, 1e-5).to(device, w_dtype)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.2)
-    x = (torch.randn(2, 7, 48) * 3).to(x_dtype).requires_grad_()
-    dy = torch.randn(2, 7, 48)
+    x = (torch.randn(2, 7, 48, device=device) * 3).to(x_dtype).requires_grad_()
+    dy = torch.randn(2, 7, 48, device=device)
     if x_dtype == w_dtype == torch.float32:  # a single vector too (the weight gradient sums over no rows)
         x, dy = x[0, 0].detach().requires_grad_(), dy[0, 0]
 

@@ -1,9 +1,14 @@
 """Generation against transformers' `generate`, cache vs no cache, batching, sampling, streaming."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from medlora.generate import GenConfig, generate, generate_ids, stream_text
+
+from helpers import DEVICES  # noqa: E402  (tests/ is on sys.path)
 
 CHATS = [
     "What is high blood pressure?",
@@ -16,21 +21,26 @@ def prompts(tok):
     return [tok.encode_chat([{"role": "user", "content": c}], add_generation_prompt=True) for c in CHATS]
 
 
-def test_greedy_matches_transformers_generate(ours, hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_matches_transformers_generate(ours, hf_model, device):
     model, tok = ours
+    if device != "cpu":
+        model, hf_model = copy.deepcopy(model).to(device), copy.deepcopy(hf_model).to(device)
     for p in prompts(tok):
         mine = generate(model, tok, [p], GenConfig(max_new_tokens=40, stop_ids={-1}))[0].ids
         with torch.no_grad():
             # attention_mask explicitly: pad = <|im_end|> here, so HF would otherwise mask every
             # <|im_end|> in the prompt as if it were padding.
-            x = torch.tensor([p])
+            x = torch.tensor([p], device=device)
             ref = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
                                     eos_token_id=None, pad_token_id=tok.pad_id)[0, len(p):].tolist()
         assert mine == ref
 
 
-def test_cached_equals_uncached_and_batched_equals_single(ours):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_equals_uncached_and_batched_equals_single(ours, device):
     model, tok = ours
+    model = model if device == "cpu" else copy.deepcopy(model).to(device)
     ps = prompts(tok)
     n = 24
     single = [generate(model, tok, [p], GenConfig(max_new_tokens=n, stop_ids={-1}))[0].ids for p in ps]
@@ -38,7 +48,7 @@ def test_cached_equals_uncached_and_batched_equals_single(ours):
     assert batched == single  # left padding changes nothing
     # Uncached: recompute the whole sequence each step.
     p = ps[0]
-    x = torch.tensor([p])
+    x = torch.tensor([p], device=device)
     with torch.no_grad():
         for _ in range(n):
             x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)

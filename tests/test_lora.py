@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import randomize_lora, tiny_model
+from helpers import DEVICES, randomize_lora, tiny_model
 
 from medlora.config import ConfigError, LoRAConfig
 from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_modules, lora_parameters,
@@ -66,20 +66,21 @@ def test_only_lora_params_train_and_all_get_gradients(checkpointing):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast):
+@pytest.mark.parametrize("device", DEVICES)
+def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast, device):
     """Training runs LoRALinear through _LoRAMatmul (its backward written out for speed); it must
     give what autograd gives on y = x W^T + scaling * dropout(x) A^T B^T, input gradient included."""
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 40, bias=False)
-    layer = LoRALinear(base, rank=4, alpha=8, dropout=dropout).train()
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=dropout).train().to(device)
     torch.nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    dy = torch.randn(3, 5, 40)
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    dy = torch.randn(3, 5, 40, device=device)
 
     def run(fn):
         x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
         torch.manual_seed(1)  # the same dropout mask for both
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             y = fn(x)
         y.float().backward(dy)
         return [y.float(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]

@@ -1,6 +1,8 @@
 """Our Llama against transformers' LlamaForCausalLM: tiny random configs and the real weights."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from medlora.config import ConfigError, ModelConfig
 from medlora.model import Llama
 from medlora.weights import load_into
+
+from helpers import DEVICES  # noqa: E402  (tests/ is on sys.path)
 
 PROMPTS = [
     "What are the symptoms of type 2 diabetes?",
@@ -57,11 +61,14 @@ def test_tiny_cached_decoding_matches_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
-def test_real_weights_logits_match_transformers(ours, hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_weights_logits_match_transformers(ours, hf_model, device):
     model, tok = ours
+    if device != "cpu":
+        model, hf_model = copy.deepcopy(model).to(device), copy.deepcopy(hf_model).to(device)
     worst = 0.0
     for text in PROMPTS:
-        idx = torch.tensor([tok.encode(text)])
+        idx = torch.tensor([tok.encode(text)], device=device)
         with torch.no_grad():
             worst = max(worst, (model(idx) - hf_model(idx).logits).abs().max().item())
     assert worst <= 1e-3, worst

