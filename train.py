@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medlora.cli import (add_model_flags, fraction, nonneg_float, nonneg_int, pick_device, positive_float,
-                         positive_int, share_prefix_default, training_precision)
+                         positive_int, training_precision)
 
 ROOT = Path(__file__).resolve().parent
 INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: "stopped early, resumable"
@@ -226,7 +226,7 @@ def resume_command(script: str, argv: list[str], run_dir: Path, world_size: int)
 def main(argv=None) -> int:
     args = parse_args(argv)
     from medlora.config import ConfigError, LoRAConfig
-    from medlora.trainer import TrainConfig
+    from medlora.trainer import TrainConfig, share_prefix_default
 
     device = pick_device(args.device)
     precision = training_precision(args.dtype, device)

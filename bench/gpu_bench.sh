@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks and benchmark on a lent H100/H200, in one call (python3 with torch,
 # transformers and peft; medlora's other needs and the bundled GGUF importable, e.g. via PYTHONPATH).
-# Usage there: bash bench/gpu_bench.sh OUT_DIR
+# Usage there: bash bench/gpu_bench.sh OUT_DIR [bench flags, e.g. --only REGEX]
 #   1. the equality tests parametrized over DEVICES, on CUDA (`pytest -k cuda`): medlora's logits and
 #      greedy tokens against transformers', the shared-prefix packing, the written-out LoRA and norm
 #      backward passes, bf16 weights against fp32;
@@ -13,11 +13,12 @@
 # compile ~3 min, so the compile jobs run last; a run cut by the lease leaves OUT/cuda.partial.json
 # (`python -m bench --from-partial` makes its record); `--only REGEX` picks jobs.
 set -uo pipefail
-OUT=$1
+OUT=$1; shift
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -k cuda -p no:cacheprovider tests/test_lora.py tests/test_fastpath.py \
   tests/test_model.py tests/test_generate.py > "$OUT/pytest-cuda.log" 2>&1; echo "pytest exit $?"; tail -25 "$OUT/pytest-cuda.log"
-timeout "${BENCH_TIMEOUT:-420}" python3 -m bench --device cuda --out "$OUT" --work /tmp/bench-work > "$OUT/bench.log" 2>&1
-echo "bench exit $?"; grep "^\[bench\]" "$OUT/bench.log" | tail -30; cat "$OUT/cuda.md" 2>/dev/null
+timeout "${BENCH_TIMEOUT:-500}" python3 -m bench --device cuda --out "$OUT" --work /tmp/bench-work "$@" > "$OUT/bench.log" 2>&1
+echo "bench exit $?"; grep -ao "\[bench\].*" "$OUT/bench.log" | tail -30
+cat "$OUT/cuda.md" 2>/dev/null || echo "cut short: $OUT/cuda.partial.json holds the finished jobs (python -m bench --from-partial)"

@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -162,15 +163,20 @@ def train_flops(config: dict, row_lengths: list[list[int]], supervised: int, ran
 def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT, timeout: float | None = None) -> dict:
     path = work / f"spec-{spec['label'].replace(' ', '_').replace('@', '-')}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": f"{medlora_root}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    paths = [str(medlora_root), str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    # Its own process group: a job past the timeout is killed with its children (inductor's compile workers).
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
-                           capture_output=True, text=True, env=env, timeout=timeout)
+        stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         return {"error": f"timed out after {timeout:g} s"}
-    lines = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")]
-    if r.returncode != 0 or not lines:
-        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    lines = [x for x in stdout.splitlines() if x.startswith("BENCH ")]
+    if p.returncode != 0 or not lines:
+        return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(lines[-1][6:])
 
 
@@ -365,7 +371,7 @@ def markdown(record: dict) -> str:
                          f"{_f(r.get('flop_util'), '{:.0%}')} | {r['first_loss']:.4f} |")
     repeated = {k: r["tok_per_s_readings"] for k, r in res.items() if "tok_per_s_readings" in r}
     if repeated:
-        lines += ["", f"Runs of each headline pair, alternating (the fastest is the row above; the machine drifts): " +
+        lines += ["", "Runs of each headline pair, alternating (the fastest is the row above; the machine drifts): " +
                   "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in v) for k, v in repeated.items()) + " tokens/s."]
     lines += ["", "Ratios against HF on the same batches; the last two against HF on the same rows in shuffled, "
               "padded batches (the usual stack's defaults; medlora keeps its bucketing).", "",
@@ -433,7 +439,7 @@ def measured_commit() -> str:
 def write_record(cfg: BenchConfig, inputs: dict, results: dict, meta: dict, out: Path) -> dict:
     """`out/NAME.json` (everything) and `out/NAME.md` (the tables) from the jobs' results."""
     results = keep_best_rounds(results)
-    record = {**{k: v for k, v in meta.items() if k != "jobs"}, "config": asdict(cfg),
+    record = {**{k: v for k, v in meta.items() if k != "jobs" and v is not None}, "config": asdict(cfg),
               "inputs": {k: v for k, v in inputs.items() if not k.endswith("row_lengths")}, "results": results}
     record["summary"] = summarise(cfg, inputs, results)
     (out / f"{cfg.name}.json").write_text(json.dumps(record, indent=2))
@@ -445,18 +451,25 @@ def write_record(cfg: BenchConfig, inputs: dict, results: dict, meta: dict, out:
 
 
 def from_partial(path: Path, out: str | None, work: str | None) -> int:
-    """The record of a run that was cut short (a device's time limit, a kill): its finished jobs, its
-    machine and versions as saved; the inputs (deterministic) are prepared again here for the FLOP counts."""
+    """The record of a run that was cut short (a device's time limit, a kill): its jobs' results, machine,
+    versions and inputs as saved (a partial without inputs gets them prepared again here: they are
+    deterministic for the same data and weights, and the record says so)."""
     saved = json.loads(path.read_text())
+    missing = [k for k in ("date", "commit", "machine", "versions", "config", "jobs", "results") if k not in saved]
+    if missing:
+        raise SystemExit(f"{path}: not a bench partial record (missing {', '.join(missing)})")
     cfg = BenchConfig(**saved["config"])
     cfg.out, cfg.work = out or str(ROOT / "bench" / "results"), work or str(ROOT / "bench" / ".work")
-    Path(cfg.work).mkdir(parents=True, exist_ok=True)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
-    inputs = prepare_inputs(cfg, Path(cfg.work))
-    meta = {k: saved[k] for k in ("date", "commit", "machine", "versions")}
-    meta["note"] = (saved.get("note", "") + f" Assembled from a partial run: {len(saved['results'])} of "
-                    f"{saved['jobs']} jobs finished.").strip()
+    meta = {k: saved[k] for k in ("date", "commit", "machine", "versions", "only")  if k in saved}
+    note = saved.get("note", "") + f" Assembled from a partial run: {len(saved['results'])} of {saved['jobs']} jobs ran."
+    inputs = saved.get("inputs")
+    if inputs is None:
+        Path(cfg.work).mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(ROOT))
+        inputs = prepare_inputs(cfg, Path(cfg.work))
+        note += " Its inputs were prepared again where the record was assembled (same data and weights)."
+    meta["note"] = note.strip()
     write_record(cfg, inputs, saved["results"], meta, Path(cfg.out))
     return 0
 
@@ -485,7 +498,8 @@ def main(argv=None) -> int:
     cfg = quick_config(cfg) if a.quick else cfg
     cfg.name = a.name or ("quick" if a.quick else cfg.name)
     cfg.out, cfg.work = a.out or cfg.out, a.work or cfg.work
-    cfg.steps, cfg.rounds = a.steps or cfg.steps, a.rounds or cfg.rounds
+    cfg.steps = a.steps or cfg.steps
+    cfg.rounds = cfg.rounds if a.rounds is None else a.rounds
     cfg.precisions = a.precisions.split(",") if a.precisions else cfg.precisions
     cfg.before, cfg.threads = a.before, a.threads
     cfg.extras = cfg.extras and not a.no_extras
@@ -511,20 +525,27 @@ def main(argv=None) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{cfg.name}.partial.json"
+    if partial.exists():  # an earlier cut run's results: kept, never overwritten
+        aside = partial.with_name(f"{cfg.name}.partial-{int(partial.stat().st_mtime)}.json")
+        partial.rename(aside)
+        print(f"[bench] kept an earlier run's {partial.name} as {aside.name}", file=sys.stderr)
     jobs = jobs_for(cfg, base, before_root)
     if a.only:
         jobs = [j for j in jobs if j[0] == "matmul" or re.search(a.only, j[1])]
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": measured_commit(),
-            "machine": machine(), "versions": versions(), "config": asdict(cfg), "jobs": len(jobs)}
+            "machine": machine(), "versions": versions(), "config": asdict(cfg), "only": a.only, "jobs": len(jobs)}
     results: dict = {}
     for job, label, spec, root in tqdm(jobs, desc="bench", unit="job"):
-        results[label] = run_job(job, spec, work, root, cfg.job_timeout)
+        limit = cfg.job_timeout and cfg.job_timeout * (3 if spec.get("compile") else 1)  # compiling takes minutes
+        results[label] = run_job(job, spec, work, root, limit)
         r = results[label]
         msg = r.get("error") or (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else
                                  f"b1 {r['batch1_tok_per_s']:.1f} tok/s" if "batch1_tok_per_s" in r else "ok")
         tqdm.write(f"[bench] {label}: {msg}")
         # A killed run keeps what it measured: `--from-partial` makes the record of it.
-        partial.write_text(json.dumps({**meta, "results": results}, indent=2))
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**meta, "inputs": inputs, "results": results}, indent=2))
+        os.replace(tmp, partial)  # atomic: a kill mid-write leaves the previous version
     write_record(cfg, inputs, results, meta, out)
     partial.unlink()
     failed = [k for k, v in results.items() if "error" in v and not k.endswith("llamacpp")]

@@ -103,14 +103,6 @@ def training_precision(name: str, device: torch.device) -> str:
     return {"float32": "fp32", "bfloat16": "bf16"}[name]
 
 
-def share_prefix_default(device: torch.device) -> bool:
-    """Compute a batch's shared prefix once (trainer.batch_hidden)? On a CPU, yes: 1.5-1.6x faster
-    (bench/results/cpu.md). On CUDA, no: the packed layout's masked attention and its copies made
-    steps ~1.8x slower than running rows whole on an H100 (bf16 6,851 vs 12,408 tokens/s,
-    bench/results/cuda.md), where a step of this small model is bound by kernel launches, not FLOPs."""
-    return device.type != "cuda"
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -62,7 +62,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (compile_blocks)
-    share_prefix: bool = True  # compute a batch's common prefix (the system turn) once: batch_hidden
+    share_prefix: bool | None = None  # compute a batch's common prefix once (batch_hidden); None: the device's default
 
     def __post_init__(self) -> None:
         checks = {
@@ -164,7 +164,15 @@ def shared_prefix_length(ids: torch.Tensor) -> int:
 MIN_SHARED_PREFIX = 16
 
 
-def batch_hidden(model: Llama, ids: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+def share_prefix_default(device: torch.device) -> bool:
+    """Compute a batch's shared prefix once (trainer.batch_hidden)? On a CPU, yes: 1.5-1.6x faster
+    (bench/results/cpu.md). On CUDA, no: the packed layout's masked attention and its copies made
+    steps ~1.8x slower than running rows whole on an H100 (bf16 6,851 vs 12,408 tokens/s,
+    bench/results/cuda.md), where a step of this small model is bound by kernel launches, not FLOPs."""
+    return device.type != "cuda"
+
+
+def batch_hidden(model: Llama, ids: torch.Tensor, share_prefix: bool | None = None) -> torch.Tensor:
     """Final hidden states [B, T, C] for a right-padded batch.
 
     Every MedQuAD row starts with the same ~93-token system turn: 43% of an average row. With
@@ -173,7 +181,10 @@ def batch_hidden(model: Llama, ids: torch.Tensor, share_prefix: bool = True) -> 
     attention: a prefix position never sees what follows it), for a third fewer FLOPs at batch 8
     (0.516 -> 0.345 GFLOP per real token on the bench's MedQuAD batches).
     With LoRA dropout the prefix's positions draw one mask for the batch rather than one per row.
+    `share_prefix=None`: the device's default (share_prefix_default).
     """
+    if share_prefix is None:
+        share_prefix = share_prefix_default(ids.device)
     return model(ids, hidden_only=True, shared_prefix=prefix_to_share(ids) if share_prefix else 0)
 
 
@@ -185,7 +196,7 @@ def prefix_to_share(ids: torch.Tensor) -> int:
 
 
 def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision: str,
-               share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+               share_prefix: bool | None = None) -> tuple[torch.Tensor, int]:
     device = ids.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = batch_hidden(model, ids, share_prefix)
@@ -215,7 +226,7 @@ def supervised_tokens(micro: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
                          device, n_sup: int | None = None, dist: Dist = SINGLE,
-                         share_prefix: bool = True) -> tuple[float, int]:
+                         share_prefix: bool | None = None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step, normalised by the step's total
     supervised tokens (not per micro-batch, which would over-weight short examples).
     Data parallel: `n_sup` is the step's count over *all* ranks, and the gradients are summed
@@ -236,7 +247,7 @@ def accumulate_gradients(model: Llama, micro: list[tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id: int, precision: str,
-                  device, dist: Dist = SINGLE, share_prefix: bool = True) -> float:
+                  device, dist: Dist = SINGLE, share_prefix: bool | None = None) -> float:
     """Mean loss per supervised token over `examples` (length-sorted batches, no padding waste).
     Data parallel: rank r evaluates batches r, r + world_size, ... and the loss sums and token
     counts are all-reduced, so every rank gets the token-weighted mean over all of `examples`."""

@@ -224,18 +224,43 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert rec["summary"]["train"]["fp32"]["throughput_x"] > 0
     assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
     assert not (tmp_path / "res" / "quick.partial.json").exists()  # only a cut-short run leaves one
-    # A run cut short (a device's time limit) keeps its finished jobs; --from-partial makes their record.
-    kept = ["matmul", "medlora fp32", "hf+peft fp32"]
-    saved = {k: rec[k] for k in ("date", "commit", "machine", "versions", "config")}
-    (tmp_path / "cut.json").write_text(json.dumps({**saved, "jobs": 9, "results": {k: res[k] for k in kept}}))
-    r = subprocess.run([sys.executable, "-m", "bench", "--from-partial", str(tmp_path / "cut.json"), "--out",
-                        str(tmp_path / "res2"), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rec2 = json.loads((tmp_path / "res2" / "quick.json").read_text())
-    assert list(rec2["results"]) == kept and rec2["machine"] == rec["machine"]
-    assert "3 of 9 jobs finished" in rec2["note"] and "3 of 9 jobs finished" in (tmp_path / "res2" / "quick.md").read_text()
-    assert rec2["summary"]["train"]["fp32"] == rec["summary"]["train"]["fp32"]
+
+
+def test_a_cut_bench_run_keeps_its_finished_jobs_and_from_partial_makes_their_record(tmp_path, monkeypatch):
+    """The bench saves each finished job (atomically, with the run's inputs): a run killed at its third
+    job leaves the first two, `--from-partial` turns them into the record, and a later run never
+    overwrites an earlier partial."""
+    import bench.run as B
+
+    calls = []
+
+    def fake_job(job, spec, work, root=None, timeout=None):  # stands in for the worker processes
+        calls.append(spec["label"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the kill
+        if job == "matmul":
+            return {"gflops": {"fp32 peak": 100.0, "bf16 peak": 200.0}}
+        return {"tok_per_s": 50.0 * len(calls), "tokens": 1000, "step_s": 1.0, "train_peak_mb": 900.0 + len(calls),
+                "load_peak_mb": 500.0, "first_loss": 2.5, "shared_prefix": True, "trainable_params": 10}
+
+    monkeypatch.setattr(B, "run_job", fake_job)
+    args = ["--quick", "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]
+    with pytest.raises(KeyboardInterrupt):
+        B.main(args)
+    partial = tmp_path / "res" / "quick.partial.json"
+    saved = json.loads(partial.read_text())
+    assert list(saved["results"]) == calls[:2] == ["matmul", "medlora fp32"] and saved["inputs"]["row_lengths"]
+    assert B.main(["--from-partial", str(partial), "--out", str(tmp_path / "rec")]) == 0
+    rec = json.loads((tmp_path / "rec" / "quick.json").read_text())
+    assert list(rec["results"]) == ["matmul", "medlora fp32"] and rec["machine"] == saved["machine"]
+    assert f"2 of {saved['jobs']} jobs ran" in rec["note"] and "prepared again" not in rec["note"]
+    assert rec["results"]["medlora fp32"]["flop_util"] > 0  # the FLOP counts come from the saved inputs
+    assert "jobs ran" in (tmp_path / "rec" / "quick.md").read_text()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        B.main(args)  # a second cut run: the first one's partial is set aside, not overwritten
+    kept = [p for p in (tmp_path / "res").glob("quick.partial-*.json")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["results"] == saved["results"]
 
 
 def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
@@ -271,7 +296,7 @@ def test_bench_on_cuda_runs_every_job_there_and_skips_the_cpu_only_paths(tmp_pat
     assert "gen llamacpp" in cpu_labels and "gen medlora-int4+compile" in cpu_labels
     # The other layout than train.py's default for the device: rows whole on a CPU, the prefix shared on CUDA.
     assert "medlora bf16 no-share-prefix" in cpu_labels and "medlora bf16 share-prefix" in labels
-    from medlora.cli import share_prefix_default
+    from medlora.trainer import share_prefix_default
 
     assert share_prefix_default(torch.device("cpu")) and not share_prefix_default(torch.device("cuda"))
     spec = {"label": "slow", "tokens": 4096, "repeats": 100, "device": "cpu"}
