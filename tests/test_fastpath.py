@@ -263,6 +263,19 @@ def test_a_cut_bench_run_keeps_its_finished_jobs_and_from_partial_makes_their_re
     assert len(kept) == 1 and json.loads(kept[0].read_text())["results"] == saved["results"]
 
 
+def test_profile_reports_where_a_step_goes(tmp_path):
+    """`python -m bench.profile` (for the next GPU session: why a step is slow) runs on the bench's
+    batches and writes per-step figures and the top-operator table for each side."""
+    r = subprocess.run([sys.executable, "-m", "bench.profile", "--quick", "--warmup", "0", "--steps", "1", "--top", "5",
+                        "--impls", "medlora", "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "res" / "profile-cpu-quick.md").read_text()
+    assert "## medlora" in text and "aten::mm" in text
+    figures = dict(line[2:].split(": ") for line in text.splitlines() if line.startswith("- "))
+    assert float(figures["wall_s_per_step"]) > 0 and float(figures["aten_calls_per_step"]) > 100
+
+
 def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
     from bench.run import BenchConfig, jobs_for, keep_best_rounds
 
