@@ -95,7 +95,7 @@ SKIPPED = [
     ("the benchmark", lambda a: a[:2] == ["python", "-m"] and a[2].split(".")[0] == "bench",
      ("the full benchmark takes ~15 minutes of quiet CPU and its --before form makes a git worktree; its "
       "--device cuda forms need a GPU; tests/test_fastpath.py::test_bench_quick_runs_and_both_sides_compute_the_same_loss "
-      "runs `python -m bench --quick`, and test_profile_reports_where_a_step_goes `python -m bench.profile --quick`")),
+      "runs `python -m bench --quick`, and test_profile_reports_where_a_step_goes `python -m bench.step_profile --quick`")),
     ("push to the hub", lambda a: "--push-to-hub" in a and "--dry-run" not in a,
      ("uploads to the Hugging Face hub: needs the network and a token; the same command with "
       "--dry-run runs and writes the folder it would upload")),

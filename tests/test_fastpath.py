@@ -263,10 +263,17 @@ def test_a_cut_bench_run_keeps_its_finished_jobs_and_from_partial_makes_their_re
     assert len(kept) == 1 and json.loads(kept[0].read_text())["results"] == saved["results"]
 
 
+def test_no_bench_module_shadows_the_standard_library():
+    """bench/workers.py runs as a script, so bench/ is first on its sys.path: a bench/profile.py made
+    every job fail (torch imports cProfile, which imports profile)."""
+    clash = [p.name for p in (ROOT / "bench").glob("*.py") if p.stem in sys.stdlib_module_names]
+    assert not clash
+
+
 def test_profile_reports_where_a_step_goes(tmp_path):
-    """`python -m bench.profile` (for the next GPU session: why a step is slow) runs on the bench's
+    """`python -m bench.step_profile` (for the next GPU session: why a step is slow) runs on the bench's
     batches and writes per-step figures and the top-operator table for each side."""
-    r = subprocess.run([sys.executable, "-m", "bench.profile", "--quick", "--warmup", "0", "--steps", "1", "--top", "5",
+    r = subprocess.run([sys.executable, "-m", "bench.step_profile", "--quick", "--warmup", "0", "--steps", "1", "--top", "5",
                         "--impls", "medlora", "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""`python -m bench.profile`: where a training step's time goes, medlora and transformers + PEFT side
+"""`python -m bench.step_profile`: where a training step's time goes, medlora and transformers + PEFT side
 by side, on the bench's own batches (the same rows, weights, LoRA and precision as `python -m bench`).
 
 The bench says how fast each side is; this says why. On the H100 (bench/results/cuda.md) a step took
@@ -53,7 +53,7 @@ def profile_side(spec: dict, batches: list, warmup: int, steps: int, top: int) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--impls", default="medlora,hf", help="comma list of medlora,hf")
