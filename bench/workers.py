@@ -119,9 +119,13 @@ def _medlora_train(spec: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    # Computing each batch's shared prefix once: train.py's default for the device (on for a CPU, off
-    # for CUDA); `--before` commits may predate it.
-    share = {"share_prefix": spec.get("share_prefix", device.type != "cuda")}
+    # Computing each batch's shared prefix once: train.py's default for the device unless the spec says;
+    # `--before` commits may predate the device default (they shared it everywhere) or the option itself.
+    try:
+        from medlora.trainer import share_prefix_default
+    except ImportError:
+        share_prefix_default = lambda device: True  # noqa: E731
+    share = {"share_prefix": spec.get("share_prefix", share_prefix_default(device))}
     if "share_prefix" not in inspect.signature(accumulate_gradients).parameters:
         share = {}
 
