@@ -118,7 +118,11 @@ def _medlora_train(spec: dict):
         compile_blocks(model)  # compiled by the first warm-up step
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    try:  # train.py's optimizer (fused AdamW); `--before` commits may predate make_optimizer
+        from medlora.trainer import make_optimizer
+    except ImportError:
+        make_optimizer = lambda params, lr, wd: torch.optim.AdamW(params, lr=lr)  # noqa: E731
+    opt = make_optimizer(params, 1e-4, 0.01)
     # Computing each batch's shared prefix once: train.py's default for the device unless the spec says;
     # `--before` commits may predate the device default (they shared it everywhere) or the option itself.
     try:
@@ -152,7 +156,7 @@ def _hf_train(spec: dict):
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # Trainer's default on torch >= 2.8: adamw_torch_fused
     pad = spec["pad_id"]
 
     def step(ids, labels, lengths):

@@ -352,6 +352,15 @@ def _check_resumable(c: dict, cfg: TrainConfig, dist: Dist, path: Path) -> None:
                           f"so resume with the values the run started with")
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the LoRA weights, fused: one kernel over all of them per step. Unfused, a CPU runs
+    ~10 small ops for each of the 420 tensors (2 cores: 29 -> 8 ms a step, measured); CUDA's default
+    (foreach) is also beaten by fused, per PyTorch's docs. The same update within float rounding, and
+    what transformers' Trainer uses by default on torch >= 2.8 (adamw_torch_fused)."""
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused)
+
+
 def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run_dir: Path, pad_id: int,
           base_model_id: str, adapter_extra: dict | None = None, resume: bool = False,
           device: torch.device = torch.device("cpu"), log=print, on_step=None, dist: Dist = SINGLE) -> dict:
@@ -367,7 +376,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         compile_blocks(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     lengths = [len(e.ids) for e in ds.train]
     global_batch = cfg.batch_size * dist.world_size  # rows per micro-batch, over all ranks
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, global_batch, 0)) / cfg.grad_accum)

@@ -573,3 +573,49 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path):
     res = train(model, Dataset(rows[:4], rows[4:]), TrainConfig(max_steps=2, batch_size=2, eval_every=2, compile=True),
                 LoRAConfig(rank=4, alpha=8, targets=ALL_TARGETS), tmp_path / "run", 2, "tiny", log=lambda *a: None)
     assert res["step"] == 2 and all(b._compiled_call_impl is not None for b in model.model.layers)
+
+
+def test_cpu_attention_in_low_precision_runs_in_fp32_and_is_closer_to_exact():
+    """On a CPU, bf16 attention runs as fp32 and rounds once at the end (PyTorch's CPU kernels are
+    slower in bf16): the output is exactly the fp32 kernel's, rounded, and nearer the fp32 result of
+    the same inputs than the bf16 kernel gets; gradients reach q, k, v in bf16."""
+    import medlora.model as M
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 40, 64, generator=g).bfloat16().requires_grad_() for n in (9, 3, 3))
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    exact = M.attend(q.detach().float(), k.detach().float(), v.detach().float(), mask)
+    y = M.attend(q, k, v, mask)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    old = M.ATTEND_FP32_ON_CPU
+    try:
+        M.ATTEND_FP32_ON_CPU = False  # the bf16 kernel, for comparison
+        y16 = M.attend(q.detach(), k.detach(), v.detach(), mask)
+    finally:
+        M.ATTEND_FP32_ON_CPU = old
+    assert (y.float() - exact).norm() < (y16.float() - exact).norm()
+
+
+def test_training_optimizer_is_fused_adamw_with_the_plain_update():
+    """make_optimizer (train.py's) is fused AdamW: after a few steps the weights are those plain
+    AdamW gives, within float rounding."""
+    from medlora.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(8, 576), (1536, 8), (8, 1536), (576, 8)]
+    fused_p = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    plain_p = [torch.nn.Parameter(p.detach().clone()) for p in fused_p]
+    start = [p.detach().clone() for p in fused_p]
+    fused, plain = make_optimizer(fused_p, 1e-3, 0.01), torch.optim.AdamW(plain_p, lr=1e-3, weight_decay=0.01)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for ps, opt in ((fused_p, fused), (plain_p, plain)):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            opt.step()
+    for a, b, a0 in zip(fused_p, plain_p, start):
+        assert (a - a0).abs().max() > 1e-3  # the steps moved the weights
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
