@@ -6,6 +6,8 @@ What it measures (each job in a fresh process, see `bench/workers.py`):
 - train: non-padding tokens/s, seconds per optimizer step, peak memory (RSS) for LoRA r=8 on all
   seven projections, batch 8, rows up to 256 tokens, loss on assistant tokens only; and the achieved
   FLOP/s as a share of the matmul peak.
+- interleaved: medlora's and HF's training steps alternating batch by batch in one process, so
+  their ratio is measured at one machine speed (separate runs drift 10-25% on a shared machine).
 - gen: greedy decoding tokens/s at batch 1 and 16, and prefill tokens/s of a ~512-token prompt.
 
 Both sides load the same HF safetensors folder (written once from the bundled GGUF), train on the
@@ -220,6 +222,8 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
             pair = [("hf", f"hf+peft {prec} #{k}"), ("medlora", f"medlora {prec} #{k}")]
             jobs += [("train", label, {**common, "impl": impl, "precision": prec}, ROOT)
                      for impl, label in (pair if k % 2 == 0 else pair[::-1])]
+    # Both sides' steps interleaved in one process, batch by batch: a ratio the machine's drift cannot move.
+    jobs += [("pair", f"interleaved {prec}", {**common, "precision": prec}, ROOT) for prec in cfg.precisions]
     # The matmul peak again after training: on this shared machine one reading was 217 GFLOP/s for a
     # bf16 shape that read 429 in the previous run; the best of both is the ceiling FLOP utilisation uses.
     jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
@@ -303,6 +307,10 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
             s["train"][ours_label.removeprefix("medlora ")].update(
                 throughput_x_hf_shuffled=_ratio(ours["tok_per_s"], usual["tok_per_s"]),
                 train_peak_memory_x_hf_shuffled=_ratio(ours["train_peak_mb"], usual["train_peak_mb"]))
+    s["interleaved"] = {label.removeprefix("interleaved "): {
+        "medlora_tok_per_s": r["medlora_tok_per_s"], "hf_tok_per_s": r["hf_tok_per_s"],
+        "ratio_median": r["ratio_median"], "ratio_min": r["ratios"][0], "ratio_max": r["ratios"][-1], "batches": len(r["ratios"])}
+        for label, r in results.items() if label.startswith("interleaved ") and "error" not in r}
     hf = results.get("gen hf", {})
     for impl in (*DECODERS, *(f"{d}+compile" for d in DECODERS), "llamacpp"):
         r = results.get(f"gen {impl}", {})
@@ -381,6 +389,14 @@ def markdown(record: dict) -> str:
         lines.append(f"| {prec} | {t['throughput_x']:.2f} | {t['step_time_x']:.2f} | {t['train_peak_memory_x']:.2f} | "
                      f"{t['total_peak_memory_x']:.2f} | {_f(t['flop_util'], '{:.0%}')} | "
                      f"{_f(t.get('throughput_x_hf_shuffled'), '{:.2f}')} | {_f(t.get('train_peak_memory_x_hf_shuffled'), '{:.2f}')} |")
+    for prec, t in s.get("interleaved", {}).items():
+        lines += ["", f"Interleaved in one process ({prec}; medlora's and HF's steps alternating batch by batch on the same "
+                  f"batches, so both see the same machine speed): medlora {t['medlora_tok_per_s']:.0f}, HF "
+                  f"{t['hf_tok_per_s']:.0f} tokens/s; per-batch speed ratio median {t['ratio_median']:.2f}× "
+                  f"({t['ratio_min']:.2f}–{t['ratio_max']:.2f} over {t['batches']} batches)."]
+    for label, r in res.items():
+        if label.startswith("interleaved ") and "error" in r:
+            lines += ["", f"{label}: error: {r['error']}"]
     mm = s.get("matmul_gflops", {})
     if mm:
         lines += ["", "Matmul GFLOP/s at model shapes (best of the runs before and after training): " +
@@ -540,6 +556,7 @@ def main(argv=None) -> int:
         results[label] = run_job(job, spec, work, root, limit)
         r = results[label]
         msg = r.get("error") or (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else
+                                 f"medlora / HF {r['ratio_median']:.2f}x (median over batches)" if "ratio_median" in r else
                                  f"b1 {r['batch1_tok_per_s']:.1f} tok/s" if "batch1_tok_per_s" in r else "ok")
         tqdm.write(f"[bench] {label}: {msg}")
         # A killed run keeps what it measured: `--from-partial` makes the record of it.

@@ -3,7 +3,7 @@
 Each job runs in a fresh process so its peak memory is its own (VmHWM, reset after loading the
 model so "training peak" excludes the loader's transient buffers; the whole-process peak is
 reported too). Jobs: `matmul` (the machine's own matmul peak at the model's shapes), `train`
-(LoRA steps, medlora or transformers+PEFT), `gen` (greedy decoding and prefill, medlora,
+(LoRA steps, medlora or transformers+PEFT), `pair` (both sides' steps interleaved in one process), `gen` (greedy decoding and prefill, medlora,
 transformers `generate`, or llama-cpp-python).
 On CUDA (`"device": "cuda"` in the spec) memory is the GPU's: torch.cuda.max_memory_allocated,
 reset after loading as VmHWM is on a CPU; every timed call ends with a device synchronise.
@@ -197,6 +197,31 @@ def train(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "shared_prefix": shared_prefix}
 
 
+def pair(spec: dict) -> dict:
+    """medlora's and transformers + PEFT's training steps interleaved in one process, batch by batch
+    (the order flips every batch): both sides see the same machine speed, so the ratio survives the
+    drift that moves separate runs by 10-25% on a shared machine. Memory is the separate jobs' business."""
+    torch.manual_seed(0)
+    batches = torch.load(spec["batches"])["batches"]
+    steps = {impl: (_medlora_train if impl == "medlora" else _hf_train)({**spec, "impl": impl})[0]
+             for impl in ("medlora", "hf")}
+    w = spec["warmup"]
+    times: dict[str, list[float]] = {"medlora": [], "hf": []}
+    for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
+        for impl in (("medlora", "hf") if i % 2 == 0 else ("hf", "medlora")):
+            sync(spec)
+            t = time.perf_counter()
+            steps[impl](ids, labels, lengths)
+            sync(spec)
+            if i >= w:
+                times[impl].append(time.perf_counter() - t)
+    tokens = sum(sum(b[2]) for b in batches[w: w + spec["steps"]])
+    ratios = sorted(h / m for m, h in zip(times["medlora"], times["hf"]))  # same batch: time ratio = speed ratio
+    return {"medlora_tok_per_s": tokens / sum(times["medlora"]), "hf_tok_per_s": tokens / sum(times["hf"]),
+            "ratios": ratios, "ratio_median": ratios[len(ratios) // 2] if len(ratios) % 2 else
+            (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, "tokens": tokens}
+
+
 # ----------------------------------------------------------------------------------------------
 def _medlora_gen(spec: dict):
     from medlora.generate import GenConfig, generate_ids
@@ -289,13 +314,13 @@ def gen(spec: dict) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("job", choices=["matmul", "train", "gen"])
+    p.add_argument("job", choices=["matmul", "train", "pair", "gen"])
     p.add_argument("--spec", required=True)
     a = p.parse_args(argv)
     spec = json.loads(open(a.spec).read())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    out = {"matmul": matmul, "train": train, "gen": gen}[a.job](spec)
+    out = {"matmul": matmul, "train": train, "pair": pair, "gen": gen}[a.job](spec)
     print("BENCH " + json.dumps(out))
     sys.stdout.flush()
 

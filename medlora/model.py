@@ -160,18 +160,10 @@ class Attention(nn.Module):
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
-ATTEND_FP32_ON_CPU = True  # a plain global; a test switches it off to compare with the bf16 kernel
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with `mask`: "causal", a boolean tensor (True = may attend) or None."""
     # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
     # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
-    if q.device.type == "cpu" and q.dtype != torch.float32 and ATTEND_FP32_ON_CPU and not torch.compiler.is_compiling():
-        # PyTorch's CPU attention kernels are slower in bf16 than in fp32: forward + backward at a
-        # training batch's shapes, casts included, 24.6 -> 20.3 ms (shared-prefix rows) and 42.0 -> 36.9
-        # ms (rows whole), measured; fp32 is also the more exact. Same rule as decoding (cache_dtype).
-        return attend(q.float(), k.float(), v.float(), mask).to(q.dtype)
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -223,6 +223,10 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert rec["summary"]["gen"]["greedy_tokens_equal_hf"] is True
     assert rec["summary"]["train"]["fp32"]["throughput_x"] > 0
     assert "| medlora fp32 |" in (tmp_path / "res" / "quick.md").read_text()
+    inter = rec["summary"]["interleaved"]["fp32"]  # both sides' steps alternating in one process
+    assert len(res["interleaved fp32"]["ratios"]) == rec["config"]["steps"]
+    assert inter["ratio_min"] <= inter["ratio_median"] <= inter["ratio_max"] and inter["hf_tok_per_s"] > 0
+    assert "Interleaved in one process (fp32" in (tmp_path / "res" / "quick.md").read_text()
     assert not (tmp_path / "res" / "quick.partial.json").exists()  # only a cut-short run leaves one
 
 
@@ -573,29 +577,6 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path):
     res = train(model, Dataset(rows[:4], rows[4:]), TrainConfig(max_steps=2, batch_size=2, eval_every=2, compile=True),
                 LoRAConfig(rank=4, alpha=8, targets=ALL_TARGETS), tmp_path / "run", 2, "tiny", log=lambda *a: None)
     assert res["step"] == 2 and all(b._compiled_call_impl is not None for b in model.model.layers)
-
-
-def test_cpu_attention_in_low_precision_runs_in_fp32_and_is_closer_to_exact():
-    """On a CPU, bf16 attention runs as fp32 and rounds once at the end (PyTorch's CPU kernels are
-    slower in bf16): the output is exactly the fp32 kernel's, rounded, and nearer the fp32 result of
-    the same inputs than the bf16 kernel gets; gradients reach q, k, v in bf16."""
-    import medlora.model as M
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, 40, 64, generator=g).bfloat16().requires_grad_() for n in (9, 3, 3))
-    mask = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
-    exact = M.attend(q.detach().float(), k.detach().float(), v.detach().float(), mask)
-    y = M.attend(q, k, v, mask)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
-    y.float().square().sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
-    old = M.ATTEND_FP32_ON_CPU
-    try:
-        M.ATTEND_FP32_ON_CPU = False  # the bf16 kernel, for comparison
-        y16 = M.attend(q.detach(), k.detach(), v.detach(), mask)
-    finally:
-        M.ATTEND_FP32_ON_CPU = old
-    assert (y.float() - exact).norm() < (y16.float() - exact).norm()
 
 
 def test_training_optimizer_is_fused_adamw_with_the_plain_update():
