@@ -600,3 +600,15 @@ def test_training_optimizer_is_fused_adamw_with_the_plain_update():
     for a, b, a0 in zip(fused_p, plain_p, start):
         assert (a - a0).abs().max() > 1e-3  # the steps moved the weights
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+def test_readme_interleaved_ratios_come_from_their_bench_record():
+    """The README's paired (one-process) training ratios are bench/results/cpu-interleaved.json's."""
+    rec = json.loads((ROOT / "bench" / "results" / "cpu-interleaved.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    fp32, bf16 = rec["summary"]["interleaved"]["fp32"], rec["summary"]["interleaved"]["bf16"]
+    want = (f"median **{fp32['ratio_median']:.2f}×** in\nfp32 ({fp32['ratio_min']:.2f}–{fp32['ratio_max']:.2f} over "
+            f"{fp32['batches']} batches; {fp32['medlora_tok_per_s']:.0f} against {fp32['hf_tok_per_s']:.0f} tokens/s) "
+            f"and **{bf16['ratio_median']:.2f}×** in bf16 ({bf16['ratio_min']:.2f}–{bf16['ratio_max']:.2f}; "
+            f"{bf16['medlora_tok_per_s']:.0f} against\n{bf16['hf_tok_per_s']:.0f})")
+    assert want in readme
