@@ -22,9 +22,9 @@ def profile_side(spec: dict, batches: list, warmup: int, steps: int, top: int) -
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.workers import _hf_train, _medlora_train, sync
+    from bench.workers import TRAIN_SETUP, sync
 
-    step, _, _ = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
+    step, _, _ = TRAIN_SETUP[spec["impl"]](spec)
     for ids, labels, lengths in batches[:warmup]:
         step(ids, labels, lengths)
     cuda = spec["device"] == "cuda"

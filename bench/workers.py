@@ -3,8 +3,8 @@
 Each job runs in a fresh process so its peak memory is its own (VmHWM, reset after loading the
 model so "training peak" excludes the loader's transient buffers; the whole-process peak is
 reported too). Jobs: `matmul` (the machine's own matmul peak at the model's shapes), `train`
-(LoRA steps, medlora or transformers+PEFT), `pair` (both sides' steps interleaved in one process), `gen` (greedy decoding and prefill, medlora,
-transformers `generate`, or llama-cpp-python).
+(LoRA steps, medlora or transformers+PEFT), `pair` (both sides' steps interleaved in one process),
+`gen` (greedy decoding and prefill, medlora, transformers `generate`, or llama-cpp-python).
 On CUDA (`"device": "cuda"` in the spec) memory is the GPU's: torch.cuda.max_memory_allocated,
 reset after loading as VmHWM is on a CPU; every timed call ends with a device synchronise.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import statistics
 import sys
 import time
 
@@ -172,12 +173,16 @@ def _hf_train(spec: dict):
     return step, sum(p.numel() for p in params), False
 
 
+# A side's training setup -> (step(ids, labels, lengths), trainable parameter count, prefix shared?).
+TRAIN_SETUP = {"medlora": _medlora_train, "hf": _hf_train}
+
+
 def train(spec: dict) -> dict:
     torch.manual_seed(0)
     data = torch.load(spec["batches"])
     batches = data["shuffled_batches" if spec.get("batching") == "shuffled" else "batches"]
     t0 = time.perf_counter()
-    step, n_train, shared_prefix = (_medlora_train if spec["impl"] == "medlora" else _hf_train)(spec)
+    step, n_train, shared_prefix = TRAIN_SETUP[spec["impl"]](spec)
     load_s = time.perf_counter() - t0
     loaded_mb, load_peak_mb = peak_mb(spec, "VmRSS"), peak_mb(spec)
     reset_peak_of(spec)
@@ -203,8 +208,7 @@ def pair(spec: dict) -> dict:
     drift that moves separate runs by 10-25% on a shared machine. Memory is the separate jobs' business."""
     torch.manual_seed(0)
     batches = torch.load(spec["batches"])["batches"]
-    steps = {impl: (_medlora_train if impl == "medlora" else _hf_train)({**spec, "impl": impl})[0]
-             for impl in ("medlora", "hf")}
+    steps = {impl: setup({**spec, "impl": impl})[0] for impl, setup in TRAIN_SETUP.items()}
     w = spec["warmup"]
     times: dict[str, list[float]] = {"medlora": [], "hf": []}
     for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
@@ -218,8 +222,7 @@ def pair(spec: dict) -> dict:
     tokens = sum(sum(b[2]) for b in batches[w: w + spec["steps"]])
     ratios = sorted(h / m for m, h in zip(times["medlora"], times["hf"]))  # same batch: time ratio = speed ratio
     return {"medlora_tok_per_s": tokens / sum(times["medlora"]), "hf_tok_per_s": tokens / sum(times["hf"]),
-            "ratios": ratios, "ratio_median": ratios[len(ratios) // 2] if len(ratios) % 2 else
-            (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, "tokens": tokens}
+            "ratios": ratios, "ratio_median": statistics.median(ratios), "tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------
