@@ -101,6 +101,9 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     next_pos = pos[:, -1] + 1
     penalise = cfg.repetition_penalty != 1.0
     ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
+    step_fn = decoder(model)
+    if step_fn is not model:  # a compiled step: the same shapes every step (KVCache.fix_shapes)
+        cache.fix_shapes(valid)
     for step in range(cfg.max_new_tokens):
         tok = sample_next(logits, seen if penalise else None, cfg, gen, ngrams.banned() if ngrams else None)
         toks = tok.tolist()  # one device sync per step
@@ -114,10 +117,12 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
         if penalise:
             seen = torch.cat([seen, tok[:, None]], 1)
         step_mask = None
-        if mask is not None:  # left padding: keep hiding the pad slots from every new token
+        if cache.seen is not None:
+            step_mask = cache.next_slot()
+        elif mask is not None:  # left padding: keep hiding the pad slots from every new token
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             step_mask = valid[:, None, None, :]
-        logits = decoder(model)(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
+        logits = step_fn(tok[:, None], pos=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
 
 
@@ -136,20 +141,27 @@ def cache_dtype(model: Llama) -> torch.dtype:
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compile_decoding(model: Llama) -> Llama:
+def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
     """torch.compile the one-token decode step of `model` (prefill stays eager: one call per answer).
 
     At batch 1 on a CPU a decode step is ~30 layers x ~15 small ops, and the Python dispatch
     between them costs as much as the arithmetic once weights are int8; the compiled step fuses
-    them (bench/results: the `+compile` rows). `dynamic=True`: the cache grows by one slot per
-    step, so one compiled graph serves all lengths. The first call compiles (about a minute on
-    2 cores; a left-padded batch compiles once more); greedy tokens stay the eager model's (test).
+    them (bench/results: the `+compile` rows). Compiled steps run at fixed shapes (KVCache.fix_shapes:
+    attention over every slot of the cache under a mask), the cache length marked dynamic, so one graph
+    serves every answer length at a batch size (on 2 CPU cores as fast as attending over the filled
+    slots only, measured). The first call compiles (about a minute on 2 cores; a batch of several rows
+    compiles once more); greedy tokens stay the eager model's (test).
     `emulate_precision_casts`: inductor otherwise computes a fused chain of bf16 ops in fp32 without
     rounding in between, so an int8 model (bf16 activations, fp32 attention) decoded other greedy
     tokens than eager from token 9 on (found by the bench); with it, the same tokens at the same speed.
+    `cuda_graphs`: on a GPU, also replay each step as one CUDA graph (inductor's cudagraph trees, what
+    mode="reduce-overhead" turns on): at batch 1 an H100 decode step is bound by launching ~500 small
+    kernels (bench/results/cuda.md). Fixed shapes and static cache addresses are what a graph needs.
+    Off by default: not yet measured on a GPU (the GPU bench turns it on), and PyTorch's cudagraph
+    trees do not support steps run from several threads (pytorch#123177), which serve.py's HTTP worker does.
     """
-    _COMPILED[model] = torch.compile(type(model).forward, dynamic=True,  # the model is its first argument
-                                     options={"emulate_precision_casts": True})
+    _COMPILED[model] = torch.compile(type(model).forward,  # the model is its first argument
+                                     options={"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs})
     return model
 
 

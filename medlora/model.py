@@ -117,6 +117,7 @@ class KVCache:
 
     `length` is how many slots are filled. Slots are positions in the (left-padded) batch;
     rotary positions are passed separately, so padding does not shift them.
+    After fix_shapes(), every one-token step has the same shapes and tensor addresses.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
@@ -126,15 +127,52 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
         self.max_len = max_len
+        self.slot: torch.Tensor | None = None  # fixed shapes: where the step's token goes (see fix_shapes)
+        self.seen: torch.Tensor | None = None  # fixed shapes: which slots the step may attend to
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values after the filled slots; return all filled slots."""
+        """Write the new keys/values after the filled slots; return all filled slots (with fixed
+        shapes: every slot, the step's mask hiding the empty ones)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} > {self.max_len} slots")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Count n new slots as filled (Llama.forward, after its layers). Fixed-shape steps count theirs
+        in next_slot(), outside any compiled graph, so a step never changes Python state."""
+        if self.slot is None:
+            self.length += n
+
+    def fix_shapes(self, valid: torch.Tensor | None = None) -> None:
+        """From now on, one token per step at the same shapes and tensor addresses, which is what a
+        CUDA graph replays (compile_decoding on a GPU): each step writes its keys/values at the tensor
+        index `slot` and attends over all max_len slots under the mask `seen`. `valid` [B, length]:
+        which filled slots are real tokens (left padding is not); default: all of them."""
+        B, device = self.k[0].shape[0], self.k[0].device
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.seen = torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=device)
+        self.seen[:, 0, 0, :self.length] = True if valid is None else valid
+        for t in (*self.k, *self.v, self.slot, self.seen):
+            torch._dynamo.mark_static_address(t)  # graph inputs that keep their address between steps
+        for t in (*self.k, *self.v):  # one compiled graph for every cache length (answer lengths vary)
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(self.seen, 3)
+
+    def next_slot(self) -> torch.Tensor:
+        """Open the next slot for a fixed-shape step; return the step's attention mask [B, 1, 1, max_len]."""
+        if self.length >= self.max_len:
+            raise RuntimeError(f"KV cache full: {self.length + 1} > {self.max_len} slots")
+        self.slot.fill_(self.length)
+        self.seen[:, :, :, self.length] = True
+        self.length += 1
+        return self.seen
 
 
 class Attention(nn.Module):
@@ -292,7 +330,7 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 

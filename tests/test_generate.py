@@ -110,11 +110,13 @@ def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
     assert plain != single[0]  # the ban really changed something (the plain greedy answer loops)
 
 
-def test_compiled_decode_step_gives_the_eager_tokens():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_step_gives_the_eager_tokens(device):
     """serve.py --compile: the torch.compile'd decode step decodes exactly what the eager model does,
     for one row and for a left-padded batch (the masked path), on another thread too (the HTTP
-    worker's); it really compiled; a copy of the model decodes with its own weights. A tiny model
-    keeps compiling short."""
+    worker's); it really compiled, and at fixed shapes: other answer lengths reuse the graphs; a copy
+    of the model decodes with its own weights. A tiny model keeps compiling short. On a GPU also with
+    CUDA graphs (cuda_graphs=True; what the GPU bench measures)."""
     import copy
     import threading
 
@@ -124,7 +126,7 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     from medlora.generate import compile_decoding, decoder
     from medlora.model import init_weights
 
-    eager = init_weights(tiny_model(), seed=1, std=0.5)  # large weights: varied tokens, not one repeated
+    eager = init_weights(tiny_model(), seed=1, std=0.5).to(device)  # large weights: varied tokens, not one repeated
     compiled = compile_decoding(copy.deepcopy(eager))
     cfg = GenConfig(max_new_tokens=12, stop_ids={-1})
     rows = [[5, 9, 17, 3, 44, 2], [8, 1, 60]]
@@ -133,7 +135,17 @@ def test_compiled_decode_step_gives_the_eager_tokens():
         want = [s for s in generate_ids(eager, batch, cfg)]
         assert len({tuple(s) for s in want}) > 6
         assert [s for s in generate_ids(compiled, batch, cfg)] == want
-    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile (not an eager fallback)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # dynamo did compile (not an eager fallback)
+    for n, batch in ((5, [rows[1]]), (20, [rows[0][:4]]), (7, [rows[1], rows[0], rows[0][:2]])):
+        other = GenConfig(max_new_tokens=n, stop_ids={-1})
+        assert [s for s in generate_ids(compiled, batch, other)] == [s for s in generate_ids(eager, batch, other)]
+    assert counters["stats"]["unique_graphs"] == graphs  # other cache lengths and batch sizes: no recompiling
+    if device == "cuda":
+        graphed = compile_decoding(copy.deepcopy(eager), cuda_graphs=True)
+        for batch in ([rows[0]], rows):
+            assert [s for s in generate_ids(graphed, batch, cfg)] == [s for s in generate_ids(eager, batch, cfg)]
+        return  # (int8/int4 below are CPU kernels)
     got = []
     t = threading.Thread(target=lambda: got.extend(generate_ids(compiled, rows, cfg)))
     t.start()

@@ -61,6 +61,37 @@ def test_tiny_cached_decoding_matches_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
+def test_fixed_shape_cache_steps_match_full_forward():
+    """KVCache.fix_shapes (compiled decoding): after a prefill, one-token steps that write at a tensor
+    index and attend over every slot under the mask give the full forward's logits, left padding
+    included (a padded slot stays hidden), at unchanged tensor shapes."""
+    from medlora.model import KVCache
+
+    ours, _ = tiny_pair(True, 2)
+    idx = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(idx)
+        padded = torch.cat((torch.zeros(1, 2, dtype=torch.long), idx[1:, :8]), 1)  # row 1 run left-padded by 2
+        alone = ours(idx[1:, :8])
+        for batch, valid, want in ((idx, None, full), (padded, torch.arange(10) >= 2, alone)):
+            P = 6
+            pos = (torch.arange(P) - (2 if valid is not None else 0)).clamp(min=0)[None]
+            mask = None if valid is None else (torch.ones(P, P, dtype=torch.bool).tril() & valid[:P])[None, None] | torch.eye(P, dtype=torch.bool)
+            cache = KVCache(ours.config, len(batch), 12, "cpu", torch.float32)
+            ours(batch[:, :P], pos=pos.expand(len(batch), P), mask=mask, cache=cache)
+            cache.fix_shapes(None if valid is None else valid[None, :P])
+            steps, shapes = [], set()
+            for t in range(P, batch.shape[1]):
+                step_mask = cache.next_slot()
+                p = torch.full((len(batch), 1), t - (2 if valid is not None else 0))
+                steps.append(ours(batch[:, t:t + 1], pos=p, mask=step_mask, cache=cache))
+                shapes.add((tuple(step_mask.shape), tuple(cache.k[0].shape)))
+            got = torch.cat(steps, 1)
+            ref = want[:, P:] if valid is None else want[:, P - 2:]
+            assert (got - ref).abs().max().item() < 1e-5
+            assert len(shapes) == 1 and cache.length == batch.shape[1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_real_weights_logits_match_transformers(ours, hf_model, device):
     model, tok = ours
