@@ -209,6 +209,9 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
                                                      "share_prefix": not cpu}, ROOT) for prec in cfg.precisions]
     if cfg.extras and not cpu and "bf16" in cfg.precisions:  # on a GPU the usual stack keeps bf16 weights too
         jobs.append(("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT))
+        # compiled blocks replayed as CUDA graphs (compile_blocks(cuda_graphs=True); lengths padded to multiples of 64)
+        jobs.append(("train", "medlora bf16 compile+graphs", {**common, "impl": "medlora", "precision": "bf16",
+                                                              "compile": True, "cuda_graphs": True}, ROOT))
     if cfg.extras and cpu and "bf16" in cfg.precisions:
         jobs += [("train", "medlora bf16 fp32-weights", {**common, "impl": "medlora", "precision": "bf16", "bf16_weights": False}, ROOT),
                  ("train", "medlora bf16 dropout 0.05", {**common, "impl": "medlora", "precision": "bf16", "dropout": 0.05}, ROOT),
@@ -290,7 +293,7 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
         achieved = work / (r["tokens"] / r["tok_per_s"]) / 1e9
         r["gflops_per_s"] = achieved
         r["flop_util"] = _ratio(achieved, mm.get(f"{prec} peak"))
-    for prec, ours_label in [(p, f"medlora {p}{c}") for p in cfg.precisions for c in ("", " compile")]:
+    for prec, ours_label in [(p, f"medlora {p}{c}") for p in cfg.precisions for c in ("", " compile", " compile+graphs")]:
         ours, hf = results.get(ours_label, {}), results.get(f"hf+peft {prec}", {})
         if "error" in ours or "error" in hf or not ours or not hf:
             continue

@@ -113,10 +113,11 @@ def _medlora_train(spec: dict):
     model.to(device)
     inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
     model.gradient_checkpointing = spec.get("grad_checkpoint", False)
+    graphs = spec.get("cuda_graphs", False)  # (a GPU job only; `--before` commits never get it)
     if spec.get("compile"):
         from medlora.trainer import compile_blocks
 
-        compile_blocks(model)  # compiled by the first warm-up step
+        compile_blocks(model, **({"cuda_graphs": True} if graphs else {}))  # compiled by the first warm-up step
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # train.py's optimizer (fused AdamW); `--before` commits may predate make_optimizer
@@ -135,6 +136,11 @@ def _medlora_train(spec: dict):
         share = {}
 
     def step(ids, labels, lengths):
+        if graphs:  # lengths padded to multiples of 64, so CUDA graphs recorded for a length replay
+            from medlora.trainer import pad_to_multiple
+
+            ids, labels = pad_to_multiple(ids, labels, spec["pad_id"], 64)
+            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], device, **share)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -203,7 +203,7 @@ def batch_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor, precision:
         return head_loss(model, hidden, labels)
 
 
-def compile_blocks(model: Llama) -> None:
+def compile_blocks(model: Llama, cuda_graphs: bool = False) -> None:
     """`--compile`: torch.compile every transformer block in place (names and state_dict keys unchanged).
 
     Inductor fuses each block's elementwise chain (norms, rotary, SwiGLU, residuals, LoRA's adds) and
@@ -215,9 +215,23 @@ def compile_blocks(model: Llama) -> None:
     Costs ~30 s of compiling at the first step (and once more for the first no-grad validation).
     `dynamic=True`: batch lengths vary, one graph serves them all; the 30 blocks share it. Same loss
     and gradients as eager within fp32 rounding (tests/test_fastpath.py).
+    `cuda_graphs`: on a GPU, each block's compiled forward and backward also replay as CUDA graphs
+    (inductor's cudagraph trees): an H100 step of this model is bound by launching small kernels
+    (bench/results/cuda.md). A graph is recorded per distinct shape, so batches should repeat theirs
+    (pad_to_multiple). Not yet measured on a GPU: the GPU bench's `compile+graphs` job is its first test.
     """
     for block in model.model.layers:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, options={"triton.cudagraphs": cuda_graphs})
+
+
+def pad_to_multiple(ids: torch.Tensor, labels: torch.Tensor, pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch to a length that is a multiple of `multiple`: a few shapes that repeat, as CUDA
+    graphs need. The same loss and gradients (real tokens never attend to the padding after them)."""
+    extra = -ids.shape[1] % multiple
+    if extra == 0:
+        return ids, labels
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+            torch.nn.functional.pad(labels, (0, extra), value=IGNORE))
 
 
 def supervised_tokens(micro: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
