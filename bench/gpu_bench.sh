@@ -4,7 +4,8 @@
 # Usage there: bash bench/gpu_bench.sh OUT_DIR [bench flags, e.g. --only REGEX]
 #   1. the equality tests parametrized over DEVICES, on CUDA (`pytest -k cuda`): medlora's logits and
 #      greedy tokens against transformers', the shared-prefix packing, the written-out LoRA and norm
-#      backward passes, bf16 weights against fp32;
+#      backward passes, bf16 weights against fp32; (since session 12) compiled decoding and compiled blocks
+#      replayed as CUDA graphs against eager, and the training step's pinned, non-blocking batch copies;
 #   2. `python -m bench.step_profile --device cuda`: where a bf16 step's time goes, both sides -> OUT_DIR/profile-cuda.md;
 #   3. `python -m bench --device cuda`: medlora against transformers + PEFT on the GPU -> OUT_DIR/cuda.{json,md}.
 # Session 10 ran it on an H100 (device tool, 15 minutes): the tree travels in at most 64 MiB, so the
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -k cuda -p no:cacheprovider tests/test_lora.py tests/test_fastpath.py \
-  tests/test_model.py tests/test_generate.py > "$OUT/pytest-cuda.log" 2>&1; echo "pytest exit $?"; tail -25 "$OUT/pytest-cuda.log"
+  tests/test_model.py tests/test_generate.py tests/test_trainer.py > "$OUT/pytest-cuda.log" 2>&1; echo "pytest exit $?"; tail -25 "$OUT/pytest-cuda.log"
 timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.step_profile --device cuda --out "$OUT" --work /tmp/bench-work \
   > "$OUT/profile.log" 2>&1; echo "profile exit $?"; grep -a "^\[profile\]" "$OUT/profile.log"
 timeout "${BENCH_TIMEOUT:-500}" python3 -m bench --device cuda --out "$OUT" --work /tmp/bench-work "$@" > "$OUT/bench.log" 2>&1

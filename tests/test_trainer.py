@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from helpers import tiny_model
+from helpers import DEVICES, tiny_model
 
 from medlora.config import LoRAConfig
 from medlora.data import Dataset, Example, collate
@@ -40,20 +40,24 @@ def lora_model(seed=0):
     return m.train()
 
 
-def test_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulation_equals_one_big_batch(device):
+    """On CUDA the batches travel through pinned memory (trainer.to_device) and the step's loss is
+    summed on the device; the numbers are the same."""
     exs = synthetic(8)  # uneven lengths and uneven supervised counts
-    big = lora_model()
-    loss_big, n_big = accumulate_gradients(big, [collate(exs, 2)], "fp32", "cpu")
-    small = lora_model()
-    loss_small, n_small = accumulate_gradients(small, [collate(exs[i:i + 2], 2) for i in range(0, 8, 2)], "fp32", "cpu")
-    assert n_big == n_small and abs(loss_big - loss_small) < 1e-5
+    big = lora_model().to(device)
+    loss_big, n_big = accumulate_gradients(big, [collate(exs, 2)], "fp32", device)
+    small = lora_model().to(device)
+    loss_small, n_small = accumulate_gradients(small, [collate(exs[i:i + 2], 2) for i in range(0, 8, 2)], "fp32", device)
+    assert isinstance(loss_small, float) and n_big == n_small and abs(loss_big - loss_small) < 1e-5
     for a, b in zip(lora_parameters(big), lora_parameters(small)):
         assert (a.grad - b.grad).abs().max() <= 1e-6 + 1e-4 * a.grad.abs().max()
     # Averaging per micro-batch instead (the common bug) gives a different gradient here.
     naive = lora_model()
     from medlora.trainer import batch_loss
+    naive.to(device)
     for i in range(0, 8, 2):
-        loss, n = batch_loss(naive, *collate(exs[i:i + 2], 2), "fp32")
+        loss, n = batch_loss(naive, *(t.to(device) for t in collate(exs[i:i + 2], 2)), "fp32")
         (loss / n / 4).backward()
     assert any((a.grad - b.grad).abs().max() > 1e-4 for a, b in zip(lora_parameters(big), lora_parameters(naive)))
 
