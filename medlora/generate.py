@@ -102,7 +102,7 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     penalise = cfg.repetition_penalty != 1.0
     ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
     step_fn = decoder(model)
-    if step_fn is not model:  # a compiled step: the same shapes every step (KVCache.fix_shapes)
+    if model in _GRAPHED:  # CUDA graphs replay one recorded step: every step at the same shapes
         cache.fix_shapes(valid)
     for step in range(cfg.max_new_tokens):
         tok = sample_next(logits, seen if penalise else None, cfg, gen, ngrams.banned() if ngrams else None)
@@ -118,7 +118,7 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
             seen = torch.cat([seen, tok[:, None]], 1)
         step_mask = None
         if cache.seen is not None:
-            step_mask = cache.next_slot()
+            step_mask = cache.next_slot()  # every slot of the cache; the empty ones and left padding hidden
         elif mask is not None:  # left padding: keep hiding the pad slots from every new token
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             step_mask = valid[:, None, None, :]
@@ -139,6 +139,7 @@ def cache_dtype(model: Llama) -> torch.dtype:
 # Models whose decode step is compiled -> the compiled (unbound) forward. Kept beside the model, not
 # on it: a copy of the model (deepcopy, quantize_int8 on a copy) must not run the original's weights.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GRAPHED: weakref.WeakSet = weakref.WeakSet()  # ... of which each step replays as a CUDA graph
 
 
 def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
@@ -146,22 +147,31 @@ def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
 
     At batch 1 on a CPU a decode step is ~30 layers x ~15 small ops, and the Python dispatch
     between them costs as much as the arithmetic once weights are int8; the compiled step fuses
-    them (bench/results: the `+compile` rows). Compiled steps run at fixed shapes (KVCache.fix_shapes:
-    attention over every slot of the cache under a mask), the cache length marked dynamic, so one graph
-    serves every answer length at a batch size (on 2 CPU cores as fast as attending over the filled
-    slots only, measured). The first call compiles (about a minute on 2 cores; a batch of several rows
-    compiles once more); greedy tokens stay the eager model's (test).
+    them (bench/results: the `+compile` rows). `dynamic=True`: the cache grows by one slot per
+    step, so one compiled graph serves all lengths. The first call compiles (about a minute on
+    2 cores; a left-padded batch compiles once more); greedy tokens stay the eager model's (test).
     `emulate_precision_casts`: inductor otherwise computes a fused chain of bf16 ops in fp32 without
     rounding in between, so an int8 model (bf16 activations, fp32 attention) decoded other greedy
     tokens than eager from token 9 on (found by the bench); with it, the same tokens at the same speed.
+
     `cuda_graphs`: on a GPU, also replay each step as one CUDA graph (inductor's cudagraph trees, what
     mode="reduce-overhead" turns on): at batch 1 an H100 decode step is bound by launching ~500 small
-    kernels (bench/results/cuda.md). Fixed shapes and static cache addresses are what a graph needs.
-    Off by default: not yet measured on a GPU (the GPU bench turns it on), and PyTorch's cudagraph
-    trees do not support steps run from several threads (pytorch#123177), which serve.py's HTTP worker does.
+    kernels (bench/results/cuda.md). A graph needs the same shapes and tensor addresses at every step,
+    so these steps attend over every slot of the cache under a mask (KVCache.fix_shapes), the cache
+    length marked dynamic: one graph per batch size and cache length. Only with graphs: on 2 CPU cores
+    fixed shapes decoded as fast, but an int4 model's compiled greedy tokens then left eager's at token
+    56 of 80 on the bench's prompt (the masked attention sums in another order). Off by default: not
+    yet measured on a GPU (the GPU bench turns it on), and PyTorch's cudagraph trees do not support
+    steps run from several threads (pytorch#123177), which serve.py's HTTP worker does.
     """
-    _COMPILED[model] = torch.compile(type(model).forward,  # the model is its first argument
+    # (With fixed shapes, automatic dynamic shapes: dynamic=True would make the cache's head count
+    # symbolic too, and SDPA's enable_gqa flag cannot take a symbolic bool.)
+    _COMPILED[model] = torch.compile(type(model).forward, dynamic=None if cuda_graphs else True,
                                      options={"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs})
+    if cuda_graphs:  # the model is forward's first argument
+        _GRAPHED.add(model)
+    else:
+        _GRAPHED.discard(model)
     return model
 
 

@@ -114,9 +114,10 @@ def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
 def test_compiled_decode_step_gives_the_eager_tokens(device):
     """serve.py --compile: the torch.compile'd decode step decodes exactly what the eager model does,
     for one row and for a left-padded batch (the masked path), on another thread too (the HTTP
-    worker's); it really compiled, and at fixed shapes: other answer lengths reuse the graphs; a copy
-    of the model decodes with its own weights. A tiny model keeps compiling short. On a GPU also with
-    CUDA graphs (cuda_graphs=True; what the GPU bench measures)."""
+    worker's); it really compiled, and other answer lengths and batch sizes reuse its graphs; a copy
+    of the model decodes with its own weights. The same with cuda_graphs=True (fixed-shape steps; on a
+    CPU inductor skips the graphs themselves, on a GPU it replays them: what the GPU bench measures).
+    A tiny model keeps compiling short."""
     import copy
     import threading
 
@@ -127,25 +128,23 @@ def test_compiled_decode_step_gives_the_eager_tokens(device):
     from medlora.model import init_weights
 
     eager = init_weights(tiny_model(), seed=1, std=0.5).to(device)  # large weights: varied tokens, not one repeated
-    compiled = compile_decoding(copy.deepcopy(eager))
     cfg = GenConfig(max_new_tokens=12, stop_ids={-1})
     rows = [[5, 9, 17, 3, 44, 2], [8, 1, 60]]
-    counters.clear()
-    for batch in ([rows[0]], rows):
-        want = [s for s in generate_ids(eager, batch, cfg)]
-        assert len({tuple(s) for s in want}) > 6
-        assert [s for s in generate_ids(compiled, batch, cfg)] == want
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1  # dynamo did compile (not an eager fallback)
-    for n, batch in ((5, [rows[1]]), (20, [rows[0][:4]]), (7, [rows[1], rows[0], rows[0][:2]])):
-        other = GenConfig(max_new_tokens=n, stop_ids={-1})
-        assert [s for s in generate_ids(compiled, batch, other)] == [s for s in generate_ids(eager, batch, other)]
-    assert counters["stats"]["unique_graphs"] == graphs  # other cache lengths and batch sizes: no recompiling
-    if device == "cuda":
-        graphed = compile_decoding(copy.deepcopy(eager), cuda_graphs=True)
+    for graphs in (True, False):
+        compiled = compile_decoding(copy.deepcopy(eager), cuda_graphs=graphs)
+        counters.clear()
         for batch in ([rows[0]], rows):
-            assert [s for s in generate_ids(graphed, batch, cfg)] == [s for s in generate_ids(eager, batch, cfg)]
-        return  # (int8/int4 below are CPU kernels)
+            want = [s for s in generate_ids(eager, batch, cfg)]
+            assert len({tuple(s) for s in want}) > 6
+            assert [s for s in generate_ids(compiled, batch, cfg)] == want
+        graphs_made = counters["stats"]["unique_graphs"]
+        assert graphs_made >= 1  # dynamo did compile (not an eager fallback)
+        for n, batch in ((5, [rows[1]]), (20, [rows[0][:4]]), (7, [rows[1], rows[0], rows[0][:2]])):
+            other = GenConfig(max_new_tokens=n, stop_ids={-1})
+            assert [s for s in generate_ids(compiled, batch, other)] == [s for s in generate_ids(eager, batch, other)]
+        assert counters["stats"]["unique_graphs"] == graphs_made  # other cache lengths and batch sizes: no recompiling
+    if device == "cuda":
+        return  # (the threads and int8/int4 below are CPU paths)
     got = []
     t = threading.Thread(target=lambda: got.extend(generate_ids(compiled, rows, cfg)))
     t.start()
