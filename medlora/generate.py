@@ -158,17 +158,18 @@ def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
     mode="reduce-overhead" turns on): at batch 1 an H100 decode step is bound by launching ~500 small
     kernels (bench/results/cuda.md). A graph needs the same shapes and tensor addresses at every step,
     so these steps attend over every slot of the cache under a mask (KVCache.fix_shapes), the cache
-    length marked dynamic: one graph per batch size and cache length. Only with graphs: on 2 CPU cores
-    fixed shapes decoded as fast, but an int4 model's compiled greedy tokens then left eager's at token
-    56 of 80 on the bench's prompt (the masked attention sums in another order). Off by default: not
+    length marked dynamic: one compiled graph per batch size, one recorded CUDA graph per batch size and
+    cache length. Only with graphs: on 2 CPU cores fixed shapes decoded as fast, but an int4 model's
+    compiled greedy tokens then left eager's at token 4 of 80 on the bench's prompt (the masked attention
+    over the whole cache sums in another order). Off by default: not
     yet measured on a GPU (the GPU bench turns it on), and PyTorch's cudagraph trees do not support
     steps run from several threads (pytorch#123177), which serve.py's HTTP worker does.
     """
     # (With fixed shapes, automatic dynamic shapes: dynamic=True would make the cache's head count
     # symbolic too, and SDPA's enable_gqa flag cannot take a symbolic bool.)
-    _COMPILED[model] = torch.compile(type(model).forward, dynamic=None if cuda_graphs else True,
+    _COMPILED[model] = torch.compile(type(model).forward, dynamic=None if cuda_graphs else True,  # the model is its first argument
                                      options={"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs})
-    if cuda_graphs:  # the model is forward's first argument
+    if cuda_graphs:
         _GRAPHED.add(model)
     else:
         _GRAPHED.discard(model)
