@@ -113,11 +113,11 @@ def _medlora_train(spec: dict):
     model.to(device)
     inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
     model.gradient_checkpointing = spec.get("grad_checkpoint", False)
-    graphs = spec.get("cuda_graphs", False)  # (a GPU job only; `--before` commits never get it)
+    graphs = spec.get("cuda_graphs", False)  # (a GPU job; compile jobs never run `--before` commits)
     if spec.get("compile"):
         from medlora.trainer import compile_blocks
 
-        compile_blocks(model, **({"cuda_graphs": True} if graphs else {}))  # compiled by the first warm-up step
+        compile_blocks(model, cuda_graphs=graphs)  # compiled by the first warm-up step
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # train.py's optimizer (fused AdamW); `--before` commits may predate make_optimizer

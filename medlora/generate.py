@@ -102,7 +102,7 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     penalise = cfg.repetition_penalty != 1.0
     ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
     step_fn = decoder(model)
-    if model in _GRAPHED:  # CUDA graphs replay one recorded step: every step at the same shapes
+    if _COMPILED.get(model, (None, False))[1]:  # CUDA graphs replay one recorded step: every step at the same shapes
         cache.fix_shapes(valid)
     for step in range(cfg.max_new_tokens):
         tok = sample_next(logits, seen if penalise else None, cfg, gen, ngrams.banned() if ngrams else None)
@@ -136,10 +136,10 @@ def cache_dtype(model: Llama) -> torch.dtype:
     return torch.float32 if w.device.type == "cpu" else w.dtype
 
 
-# Models whose decode step is compiled -> the compiled (unbound) forward. Kept beside the model, not
-# on it: a copy of the model (deepcopy, quantize_int8 on a copy) must not run the original's weights.
+# Models whose decode step is compiled -> (the compiled, unbound forward; replayed as CUDA graphs?). Kept
+# beside the model, not on it: a copy of the model (deepcopy, quantize_int8 on a copy) must not run the
+# original's weights.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_GRAPHED: weakref.WeakSet = weakref.WeakSet()  # ... of which each step replays as a CUDA graph
 
 
 def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
@@ -167,18 +167,15 @@ def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
     """
     # (With fixed shapes, automatic dynamic shapes: dynamic=True would make the cache's head count
     # symbolic too, and SDPA's enable_gqa flag cannot take a symbolic bool.)
-    _COMPILED[model] = torch.compile(type(model).forward, dynamic=None if cuda_graphs else True,  # the model is its first argument
-                                     options={"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs})
-    if cuda_graphs:
-        _GRAPHED.add(model)
-    else:
-        _GRAPHED.discard(model)
+    fn = torch.compile(type(model).forward, dynamic=None if cuda_graphs else True,  # the model is its first argument
+                       options={"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs})
+    _COMPILED[model] = (fn, cuda_graphs)
     return model
 
 
 def decoder(model: Llama):
     """What runs one decode step: the compiled forward after compile_decoding(model), else the model."""
-    fn = _COMPILED.get(model)
+    fn, _ = _COMPILED.get(model, (None, False))
     return partial(fn, model) if fn is not None else model
 
 
