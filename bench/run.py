@@ -227,6 +227,10 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
                      for impl, label in (pair if k % 2 == 0 else pair[::-1])]
     # Both sides' steps interleaved in one process, batch by batch: a ratio the machine's drift cannot move.
     jobs += [("pair", f"interleaved {prec}", {**common, "precision": prec}, ROOT) for prec in cfg.precisions]
+    if cpu:  # both sides with LoRA dropout 0.05, and without in the same rotation: what dropout costs each
+        prec = "bf16" if "bf16" in cfg.precisions else cfg.precisions[0]  # (the smoke run: fp32 only)
+        jobs.append(("pair", f"interleaved {prec} dropout 0.05", {**common, "precision": prec, "dropout": 0.05, "also": {
+            "medlora dropout 0": ("medlora", {"dropout": 0.0}), "hf dropout 0": ("hf", {"dropout": 0.0})}}, ROOT))
     # The matmul peak again after training: on this shared machine one reading was 217 GFLOP/s for a
     # bf16 shape that read 429 in the previous run; the best of both is the ceiling FLOP utilisation uses.
     jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
@@ -312,7 +316,8 @@ def summarise(cfg: BenchConfig, inputs: dict, results: dict) -> dict:
                 train_peak_memory_x_hf_shuffled=_ratio(ours["train_peak_mb"], usual["train_peak_mb"]))
     s["interleaved"] = {label.removeprefix("interleaved "): {
         "medlora_tok_per_s": r["medlora_tok_per_s"], "hf_tok_per_s": r["hf_tok_per_s"],
-        "ratio_median": r["ratio_median"], "ratio_min": r["ratios"][0], "ratio_max": r["ratios"][-1], "batches": len(r["ratios"])}
+        "ratio_median": r["ratio_median"], "ratio_min": r["ratios"][0], "ratio_max": r["ratios"][-1], "batches": len(r["ratios"]),
+        **({"also_tok_per_s": r["also_tok_per_s"]} if r.get("also_tok_per_s") else {})}
         for label, r in results.items() if label.startswith("interleaved ") and "error" not in r}
     hf = results.get("gen hf", {})
     for impl in (*DECODERS, *(f"{d}+compile" for d in DECODERS), "llamacpp"):
@@ -397,6 +402,12 @@ def markdown(record: dict) -> str:
                   f"batches, so both see the same machine speed): medlora {t['medlora_tok_per_s']:.0f}, HF "
                   f"{t['hf_tok_per_s']:.0f} tokens/s; per-batch speed ratio median {t['ratio_median']:.2f}× "
                   f"({t['ratio_min']:.2f}–{t['ratio_max']:.2f} over {t['batches']} batches)."]
+        also = t.get("also_tok_per_s", {})
+        if also:  # the same rotation without dropout: what dropout costs each side
+            lines[-1] += " In the same rotation: " + "; ".join(
+                f"{label} {v:.0f} tokens/s" + (f" (dropout costs {side} {1 - t[f'{side}_tok_per_s'] / v:.0%})"
+                                               if (side := label.split()[0]) in ("medlora", "hf") else "")
+                for label, v in also.items()) + "."
     for label, r in res.items():
         if label.startswith("interleaved ") and "error" in r:
             lines += ["", f"{label}: error: {r['error']}"]

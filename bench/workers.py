@@ -211,24 +211,28 @@ def train(spec: dict) -> dict:
 def pair(spec: dict) -> dict:
     """medlora's and transformers + PEFT's training steps interleaved in one process, batch by batch
     (the order flips every batch): both sides see the same machine speed, so the ratio survives the
-    drift that moves separate runs by 10-25% on a shared machine. Memory is the separate jobs' business."""
+    drift that moves separate runs by 10-25% on a shared machine. Memory is the separate jobs' business.
+    `spec["also"]`: more sides in the same rotation, {label: (impl, spec overrides)}, e.g. each side
+    without LoRA dropout, so what dropout costs is measured at one machine speed too."""
     torch.manual_seed(0)
     batches = torch.load(spec["batches"])["batches"]
-    steps = {impl: setup({**spec, "impl": impl})[0] for impl, setup in TRAIN_SETUP.items()}
+    sides = {impl: (impl, {}) for impl in TRAIN_SETUP} | {k: tuple(v) for k, v in spec.get("also", {}).items()}
+    steps = {label: TRAIN_SETUP[impl]({**spec, **over, "impl": impl})[0] for label, (impl, over) in sides.items()}
     w = spec["warmup"]
-    times: dict[str, list[float]] = {"medlora": [], "hf": []}
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
-        for impl in (("medlora", "hf") if i % 2 == 0 else ("hf", "medlora")):
+        for label in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
             sync(spec)
             t = time.perf_counter()
-            steps[impl](ids, labels, lengths)
+            steps[label](ids, labels, lengths)
             sync(spec)
             if i >= w:
-                times[impl].append(time.perf_counter() - t)
+                times[label].append(time.perf_counter() - t)
     tokens = sum(sum(b[2]) for b in batches[w: w + spec["steps"]])
     ratios = sorted(h / m for m, h in zip(times["medlora"], times["hf"]))  # same batch: time ratio = speed ratio
     return {"medlora_tok_per_s": tokens / sum(times["medlora"]), "hf_tok_per_s": tokens / sum(times["hf"]),
-            "ratios": ratios, "ratio_median": statistics.median(ratios), "tokens": tokens}
+            "ratios": ratios, "ratio_median": statistics.median(ratios), "tokens": tokens,
+            "also_tok_per_s": {label: tokens / sum(times[label]) for label in spec.get("also", {})}}
 
 
 # ----------------------------------------------------------------------------------------------

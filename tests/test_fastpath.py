@@ -227,6 +227,9 @@ def test_bench_quick_runs_and_both_sides_compute_the_same_loss(tmp_path):
     assert len(res["interleaved fp32"]["ratios"]) == rec["config"]["steps"]
     assert inter["ratio_min"] <= inter["ratio_median"] <= inter["ratio_max"] and inter["hf_tok_per_s"] > 0
     assert "Interleaved in one process (fp32" in (tmp_path / "res" / "quick.md").read_text()
+    drop = rec["summary"]["interleaved"]["fp32 dropout 0.05"]  # the same rotation with and without LoRA dropout
+    assert set(drop["also_tok_per_s"]) == {"medlora dropout 0", "hf dropout 0"} and min(drop["also_tok_per_s"].values()) > 0
+    assert "(dropout costs medlora" in (tmp_path / "res" / "quick.md").read_text()
     assert not (tmp_path / "res" / "quick.partial.json").exists()  # only a cut-short run leaves one
 
 
@@ -654,4 +657,17 @@ def test_readme_interleaved_ratios_come_from_their_bench_record():
             f"{fp32['batches']} batches; {fp32['medlora_tok_per_s']:.0f} against {fp32['hf_tok_per_s']:.0f} tokens/s) "
             f"and **{bf16['ratio_median']:.2f}×** in bf16 ({bf16['ratio_min']:.2f}–{bf16['ratio_max']:.2f}; "
             f"{bf16['medlora_tok_per_s']:.0f} against\n{bf16['hf_tok_per_s']:.0f})")
+    assert want in readme
+
+
+def test_readme_dropout_figures_come_from_their_bench_record():
+    """The README's LoRA-dropout figures (cost on each side, ratio with dropout on both) are
+    bench/results/cpu-dropout-s13.json's interleaved rotation."""
+    rec = json.loads((ROOT / "bench" / "results" / "cpu-dropout-s13.json").read_text())
+    t = rec["summary"]["interleaved"]["bf16 dropout 0.05"]
+    readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks as spaces
+    cost = {side: 1 - t[f"{side}_tok_per_s"] / t["also_tok_per_s"][f"{side} dropout 0"] for side in ("medlora", "hf")}
+    want = (f"dropout costs medlora {cost['medlora']:.0%} and transformers + PEFT {cost['hf']:.0%}, and with dropout on "
+            f"both sides medlora trains at {t['ratio_median']:.2f}× its speed (median per batch, {t['ratio_min']:.2f}–"
+            f"{t['ratio_max']:.2f}; {t['medlora_tok_per_s']:.0f} against {t['hf_tok_per_s']:.0f} tokens/s)")
     assert want in readme

@@ -11,6 +11,7 @@ from helpers import DEVICES, randomize_lora, tiny_model
 from medlora.config import ConfigError, LoRAConfig
 from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_modules, lora_parameters,
                           merge_lora, parameter_report, save_adapter, unmerge_lora)
+from medlora.lora import dropout as lora_dropout
 
 IDX = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(5))
 
@@ -86,7 +87,7 @@ def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast,
         return [y.float(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
 
     def formula(x):
-        h = torch.nn.functional.dropout(x, dropout, training=True) @ layer.lora_A.weight.t()
+        h = lora_dropout(x, dropout) @ layer.lora_A.weight.t()  # the mask LoRALinear draws
         return x @ layer.weight.t() + h @ (layer.lora_B.weight * layer.scaling).t()
 
     ours, ref = run(layer), run(formula)
@@ -96,6 +97,71 @@ def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast,
     if dropout == 0:
         with torch.no_grad():  # inference takes the formula itself
             assert torch.allclose(layer(x), formula(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_cpu_dropout_drops_each_element_with_probability_p(p):
+    """lora.dropout draws 16-bit lanes from 64-bit random integers: every lane (and so every element)
+    must be dropped with probability p (rounded to 2^-16), independently, and the kept ones scaled so
+    the mean is unchanged. A lane whose bits were not uniform (e.g. a sign bit never set) fails here."""
+    torch.manual_seed(0)
+    x = torch.ones(512, 1024)
+    y = lora_dropout(x, p)
+    kept = y != 0
+    p_eff = round(p * 65536) / 65536
+    n = x.numel() // 4  # elements per lane
+    sd = (p_eff * (1 - p_eff) / n) ** 0.5
+    for lane in range(4):
+        dropped = 1 - kept.flatten()[lane::4].float().mean().item()
+        assert abs(dropped - p_eff) < 5 * sd, (lane, dropped)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p_eff)))
+    assert abs(y.mean().item() - 1) < 5 * sd / (1 - p_eff)
+    both = (~kept[:, :-1] & ~kept[:, 1:]).float().mean().item()  # neighbours (lanes of one draw) independent
+    assert abs(both - p_eff ** 2) < 5 * (p_eff ** 2 / x.numel()) ** 0.5 + 1e-3
+    assert not torch.equal(kept, lora_dropout(x, p) != 0)  # a new mask each call
+    assert lora_dropout(x.bfloat16(), p).dtype == torch.bfloat16
+
+
+def test_layers_reading_one_input_share_its_dropout_mask():
+    """inject_lora gives a model's LoRA layers one SharedDropout: q, k and v (which read the same normed
+    hidden state) get one masked copy; o, reading another tensor, a new one; a layer reading the same
+    tensor twice gets a new mask; eval mode and dropout 0 pass the input through."""
+    m = tiny_model()
+    inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.5, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.dropout is attn.k_proj.dropout is m.model.layers[1].self_attn.o_proj.dropout
+    share = attn.q_proj.dropout
+    m.train()
+    x, y = torch.randn(2, 5, m.config.hidden_size), torch.randn(2, 5, m.config.hidden_size)
+    xq = share(x, attn.q_proj)
+    assert share(x, attn.k_proj) is xq and share(x, attn.v_proj) is xq
+    assert share(x, attn.q_proj) is not xq  # q again: a fresh mask
+    assert not torch.equal(share(y, attn.o_proj) != 0, (xq != 0))
+    import copy
+
+    copy.deepcopy(m)  # the held masked copy (not a leaf tensor) is not part of a copy
+    m.eval()
+    assert share._last is None and share(x, attn.q_proj) is x
+    assert LoRALinear(torch.nn.Linear(4, 4), rank=2, alpha=4).train().dropout(x, None) is x  # dropout 0
+
+
+def test_shared_dropout_masks_replay_under_grad_checkpointing():
+    """--grad-checkpoint recomputes each block in the backward pass: its dropout masks must be the ones
+    the forward drew (the gradients equal those of the same step without checkpointing)."""
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        m = tiny_model()
+        inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.3))
+        randomize_lora(m)
+        m.train()
+        m.gradient_checkpointing = checkpointing
+        ids = torch.randint(0, m.config.vocab_size, (2, 12))
+        torch.manual_seed(1)
+        m(ids).float().square().mean().backward()
+        return [p.grad.clone() for p in lora_parameters(m)]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_an_unfrozen_base_weight_still_gets_its_gradient():
