@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, default=8)
     g.add_argument("--alpha", type=positive_float, default=None, help="default: 2 x rank")
-    g.add_argument("--dropout", type=fraction, default=0.0)
+    g.add_argument("--dropout", type=fraction, default=0.0,
+                   help="LoRA dropout on the input of A; layers reading one tensor (q/k/v, gate/up) share a mask")
     g.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma list of q_proj,...")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--init-adapter", default=None, help="start from this adapter (PEFT format) instead of zeros")

@@ -95,8 +95,7 @@ class SharedDropout(nn.Module):
     the same masked copy (PEFT draws one per layer). 4 masks per block instead of 7, fewer random
     numbers and one backward pass through the mask per input. The masked copy is held until the next
     input comes, so a recomputed forward (--grad-checkpoint) draws exactly as the first one did. A layer
-    that reads the same tensor a second time gets a new mask, as F.dropout would. Compiled blocks draw
-    per layer with F.dropout (a traced graph has no tensor identities).
+    that reads the same tensor a second time gets a new mask, as F.dropout would.
     """
 
     def __init__(self, p: float) -> None:
@@ -108,7 +107,9 @@ class SharedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         if torch.compiler.is_compiling():
-            return F.dropout(x, self.p, training=True)
+            # A traced graph has no tensor identities to share by: one mask per layer, drawn in the graph.
+            # (Inductor's own dropout made a compiled bf16 step 37% slower at p = 0.05, this 22%; eager 9-13%.)
+            return dropout(x, self.p)
         if self._last is not None:
             source, x_a, given = self._last
             if source() is x and id(layer) not in given:

@@ -582,6 +582,48 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path):
     assert res["step"] == 2 and all(b._compiled_call_impl is not None for b in model.model.layers)
 
 
+def test_compiled_blocks_train_with_lora_dropout():
+    """Compiled blocks draw LoRA dropout in the traced graph (lora.dropout, one mask per layer): a
+    compiled training step with dropout runs, its masks drop about p of the LoRA path (the loss moves
+    off the dropout-free one by about what eager's dropout moves it), and eval mode takes no dropout."""
+    from helpers import randomize_lora, tiny_model
+
+    from medlora.trainer import compile_blocks
+
+    def model_with(p):
+        torch.manual_seed(0)  # (A's initialisation draws from the global generator)
+        m = tiny_model()
+        inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=p, targets=ALL_TARGETS))
+        randomize_lora(m, std=0.5)
+        return m.train()
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = IGNORE
+    losses = {}
+    for name, p, compiled in (("plain", 0.0, False), ("eager", 0.5, False), ("compiled", 0.5, True)):
+        m = model_with(p)
+        if compiled:
+            compile_blocks(m)
+        torch.manual_seed(1)
+        runs = []
+        for _ in range(3):
+            m.zero_grad(set_to_none=True)
+            loss, n = batch_loss(m, ids, labels, "fp32")
+            (loss / n).backward()
+            runs.append(loss.item() / n)
+            assert _grads(m).norm() > 0
+        losses[name] = runs
+        m.eval()
+        with torch.no_grad():
+            losses[name + " eval"] = batch_loss(m, ids, labels, "fp32")[0].item() / n
+    assert losses["compiled eval"] == pytest.approx(losses["plain eval"], rel=1e-4)
+    assert len(set(losses["compiled"])) == 3  # a new mask every step
+    shift = lambda k: sum(abs(x - losses["plain"][0]) for x in losses[k]) / 3  # noqa: E731
+    assert shift("compiled") > 0.2 * shift("eager") > 0  # the dropout really acts in the compiled graph
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_padding_to_a_multiple_keeps_loss_and_gradients(device):
     """trainer.pad_to_multiple (fixed shapes for CUDA graphs): right-padding a batch to a multiple of 64
