@@ -74,7 +74,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
     On a CPU the mask comes from 16 random bits per element, four from each 64-bit draw of the generator.
     PyTorch's CPU dropout draws per element (6.3 ms for a [1300, 576] input on 2 cores, ~80% of it in
-    the generator), which made LoRA dropout 0.05 cost ~27% of a bf16 training step. The price: p is
+    the generator), which made LoRA dropout 0.05 cost 24-27% of a training step. The price: p is
     rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and the scale follows the rounded p, so the
     expectation stays exactly x. Other devices keep F.dropout (one fused kernel).
     """

@@ -30,10 +30,10 @@ def synthetic(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-def lora_model(seed=0):
+def lora_model(seed=0, dropout=0.0):
     m = tiny_model(seed=seed)
     torch.manual_seed(seed)
-    inject_lora(m, LoRAConfig(rank=4, alpha=8))
+    inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=dropout))
     with torch.no_grad():
         for p in lora_parameters(m):
             p.add_(torch.randn_like(p) * 0.02)
@@ -62,17 +62,17 @@ def test_accumulation_equals_one_big_batch(device):
     assert any((a.grad - b.grad).abs().max() > 1e-4 for a, b in zip(lora_parameters(big), lora_parameters(naive)))
 
 
-def run_tiny(tmp_path, name, max_steps=8, stop_at=None, resume=False, patience=0):
+def run_tiny(tmp_path, name, max_steps=8, stop_at=None, resume=False, patience=0, dropout=0.0):
     ds = Dataset(synthetic(40), synthetic(6, seed=9))
     cfg = TrainConfig(lr=5e-3, max_steps=max_steps, batch_size=4, grad_accum=2, warmup_steps=2, eval_every=2,
                       save_every=3, patience=patience, seed=1)
-    model = lora_model()
+    model = lora_model(dropout=dropout)
 
     def on_step(state):
         if stop_at and state["step"] == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)  # handled: checkpoint, then a clean exit
 
-    return train(model, ds, cfg, LoRAConfig(rank=4, alpha=8), tmp_path / name, pad_id=2, base_model_id="tiny",
+    return train(model, ds, cfg, LoRAConfig(rank=4, alpha=8, dropout=dropout), tmp_path / name, pad_id=2, base_model_id="tiny",
                  resume=resume, on_step=on_step, log=lambda *a: None), model
 
 
@@ -80,11 +80,14 @@ def losses(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_gives_the_same_run(tmp_path):
-    full, full_model = run_tiny(tmp_path, "full")
-    part, _ = run_tiny(tmp_path, "split", stop_at=5)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_gives_the_same_run(tmp_path, dropout):
+    """Stopped at step 5 and resumed: the same losses and weights as the run never stopped; with LoRA
+    dropout too (the checkpoint's RNG state gives the same masks; SharedDropout holds nothing across steps)."""
+    full, full_model = run_tiny(tmp_path, "full", dropout=dropout)
+    part, _ = run_tiny(tmp_path, "split", stop_at=5, dropout=dropout)
     assert part["interrupted"] and part["step"] == 5
-    resumed, resumed_model = run_tiny(tmp_path, "split", resume=True)
+    resumed, resumed_model = run_tiny(tmp_path, "split", resume=True, dropout=dropout)
     assert resumed["step"] == full["step"] == 8
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert [r["kind"] for r in a] == [r["kind"] for r in b]
