@@ -124,7 +124,7 @@ class SharedDropout(nn.Module):
         return super().train(mode)
 
     def __getstate__(self) -> dict:  # copies and pickles of a model never carry the held masked copy
-        return {**super().__getstate__(), "_last": None}
+        return {**self.__dict__, "_last": None}
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
