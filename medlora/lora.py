@@ -69,22 +69,23 @@ class _LoRAMatmul(torch.autograd.Function):
         return dx, dx_a, None, da, db
 
 
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """F.dropout(x, p) in training: each element zeroed with probability p, the rest scaled by 1 / (1 - p).
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout's mask for x, in x's dtype: 0 with probability p, else 1 / (1 - p); x * mask is
+    F.dropout(x, p) in training.
 
     On a CPU the mask comes from 16 random bits per element, four from each 64-bit draw of the generator.
     PyTorch's CPU dropout draws per element (6.3 ms for a [1300, 576] input on 2 cores, ~80% of it in
     the generator), which made LoRA dropout 0.05 cost 24-27% of a training step. The price: p is
-    rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and the scale follows the rounded p, so the
-    expectation stays exactly x. Other devices keep F.dropout (one fused kernel).
+    rounded to a multiple of 2^-16 within [2^-16, 1 - 2^-16] (0.05 -> 0.0500031), and the scale follows
+    the rounded p. Other devices draw with bernoulli_ (one kernel).
     """
-    if x.device.type != "cpu" or p == 0:
-        return F.dropout(x, p, training=True)
-    k = round(p * 65536)  # dropped when a uniform 16-bit integer (from -32768) falls in the lowest k values
+    if x.device.type != "cpu":
+        return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    k = min(max(round(p * 65536), 1), 65535)  # dropped: a uniform 16-bit integer among the lowest k values
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)  # (the top value never comes)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= k - 32768
-    return x * keep.to(x.dtype).mul_(65536 / (65536 - k))
+    return keep.to(x.dtype).mul_(65536 / (65536 - k))
 
 
 class SharedDropout(nn.Module):
@@ -93,37 +94,44 @@ class SharedDropout(nn.Module):
     q, k and v project the same normed hidden state, gate and up another: inject_lora gives every LoRA
     layer of a model one SharedDropout, and the layers that read the same tensor in a forward pass get
     the same masked copy (PEFT draws one per layer). 4 masks per block instead of 7, fewer random
-    numbers and one backward pass through the mask per input. The masked copy is held until the next
-    input comes, so a recomputed forward (--grad-checkpoint) draws exactly as the first one did. A layer
-    that reads the same tensor a second time gets a new mask, as F.dropout would.
+    numbers and one backward pass through the mask per input. Each layer's own `training` flag decides
+    whether it drops. The last mask is held (not the masked copy, whose graph would keep a forward's
+    activations alive): a masked copy already freed, as a checkpointed forward frees it, is made again
+    from the mask, so a recomputed forward (--grad-checkpoint) draws as many masks as the first one and
+    gets the same ones. A layer that reads the same tensor a second time gets a new mask, as F.dropout would.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self._last: tuple | None = None  # (weakref to the input, its masked copy, ids of the layers given it)
+        self._last: tuple | None = None  # (weakref to the input, its mask, weakref to the masked copy, ids of layers served)
 
     def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if self.p == 0 or not layer.training:
             return x
         if torch.compiler.is_compiling():
             # A traced graph has no tensor identities to share by: one mask per layer, drawn in the graph.
             # (Inductor's own dropout made a compiled bf16 step 37% slower at p = 0.05, this 22%; eager 9-13%.)
-            return dropout(x, self.p)
+            return x * dropout_mask(x, self.p)
         if self._last is not None:
-            source, x_a, given = self._last
-            if source() is x and id(layer) not in given:
-                given.add(id(layer))
+            source, mask, masked, served = self._last
+            if source() is x and id(layer) not in served:
+                served.add(id(layer))
+                x_a = masked()
+                if x_a is None:
+                    x_a = x * mask
+                    self._last = (source, mask, weakref.ref(x_a), served)
                 return x_a
-        x_a = dropout(x, self.p)
-        self._last = (weakref.ref(x), x_a, {id(layer)})
+        mask = dropout_mask(x, self.p)
+        x_a = x * mask
+        self._last = (weakref.ref(x), mask, weakref.ref(x_a), {id(layer)})
         return x_a
 
     def train(self, mode: bool = True) -> SharedDropout:
         self._last = None  # nothing held across a switch to eval (or back)
         return super().train(mode)
 
-    def __getstate__(self) -> dict:  # copies and pickles of a model never carry the held masked copy
+    def __getstate__(self) -> dict:  # copies and pickles of a model never carry the held mask
         return {**self.__dict__, "_last": None}
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from helpers import DEVICES, randomize_lora, tiny_model
 from medlora.config import ConfigError, LoRAConfig
 from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_modules, lora_parameters,
                           merge_lora, parameter_report, save_adapter, unmerge_lora)
-from medlora.lora import dropout as lora_dropout
+from medlora.lora import dropout_mask
 
 IDX = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(5))
 
@@ -87,7 +87,8 @@ def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast,
         return [y.float(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
 
     def formula(x):
-        h = lora_dropout(x, dropout) @ layer.lora_A.weight.t()  # the mask LoRALinear draws
+        x_a = x * dropout_mask(x, dropout) if dropout else x  # the mask LoRALinear draws
+        h = x_a @ layer.lora_A.weight.t()
         return x @ layer.weight.t() + h @ (layer.lora_B.weight * layer.scaling).t()
 
     ours, ref = run(layer), run(formula)
@@ -101,12 +102,12 @@ def test_written_out_backward_matches_autograd_on_the_formula(dropout, autocast,
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_cpu_dropout_drops_each_element_with_probability_p(p):
-    """lora.dropout draws 16-bit lanes from 64-bit random integers: every lane (and so every element)
+    """lora.dropout_mask draws 16-bit lanes from 64-bit random integers: every lane (and so every element)
     must be dropped with probability p (rounded to 2^-16), independently, and the kept ones scaled so
     the mean is unchanged. A lane whose bits were not uniform (e.g. a sign bit never set) fails here."""
     torch.manual_seed(0)
     x = torch.ones(512, 1024)
-    y = lora_dropout(x, p)
+    y = x * dropout_mask(x, p)
     kept = y != 0
     p_eff = round(p * 65536) / 65536
     n = x.numel() // 4  # elements per lane
@@ -118,18 +119,34 @@ def test_cpu_dropout_drops_each_element_with_probability_p(p):
     assert abs(y.mean().item() - 1) < 5 * sd / (1 - p_eff)
     both = (~kept[:, :-1] & ~kept[:, 1:]).float().mean().item()  # neighbours (lanes of one draw) independent
     assert abs(both - p_eff ** 2) < 5 * (p_eff ** 2 / x.numel()) ** 0.5 + 1e-3
-    assert not torch.equal(kept, lora_dropout(x, p) != 0)  # a new mask each call
-    assert lora_dropout(x.bfloat16(), p).dtype == torch.bfloat16
+    assert not torch.equal(kept, dropout_mask(x, p) != 0)  # a new mask each call
+    assert dropout_mask(x.bfloat16(), p).dtype == torch.bfloat16
+    odd = dropout_mask(torch.ones(3, 5, 7), p)  # a size that is no multiple of the 4 lanes per draw
+    assert odd.shape == (3, 5, 7) and torch.allclose(odd[odd != 0], torch.tensor(1 / (1 - p_eff)))
+
+
+def test_dropout_mask_keeps_extreme_p_meaningful():
+    """p is rounded to 2^-16 steps but never to 0 (silently no dropout) or 1 (a division by zero)."""
+    torch.manual_seed(0)
+    x = torch.ones(1024, 1024)
+    assert (dropout_mask(x, 0.999995) == 0).float().mean().item() > 0.9999
+    tiny = (dropout_mask(x, 1e-7) == 0).sum().item()  # p -> 2^-16: ~16 of 2^20 dropped
+    assert 1 <= tiny <= 60
 
 
 def test_layers_reading_one_input_share_its_dropout_mask():
     """inject_lora gives a model's LoRA layers one SharedDropout: q, k and v (which read the same normed
     hidden state) get one masked copy; o, reading another tensor, a new one; a layer reading the same
-    tensor twice gets a new mask; eval mode and dropout 0 pass the input through."""
+    tensor twice gets a new mask; a new tensor never gets a dead one's mask; each layer's own training
+    flag decides; eval mode and dropout 0 pass the input through; nothing keeps a forward's graph alive."""
+    import copy
+    import gc
+    import weakref
+
     m = tiny_model()
     inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.5, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-    attn = m.model.layers[0].self_attn
-    assert attn.q_proj.dropout is attn.k_proj.dropout is m.model.layers[1].self_attn.o_proj.dropout
+    attn, attn1 = m.model.layers[0].self_attn, m.model.layers[1].self_attn
+    assert attn.q_proj.dropout is attn.k_proj.dropout is attn1.o_proj.dropout
     share = attn.q_proj.dropout
     m.train()
     x, y = torch.randn(2, 5, m.config.hidden_size), torch.randn(2, 5, m.config.hidden_size)
@@ -137,12 +154,41 @@ def test_layers_reading_one_input_share_its_dropout_mask():
     assert share(x, attn.k_proj) is xq and share(x, attn.v_proj) is xq
     assert share(x, attn.q_proj) is not xq  # q again: a fresh mask
     assert not torch.equal(share(y, attn.o_proj) != 0, (xq != 0))
-    import copy
-
-    copy.deepcopy(m)  # the held masked copy (not a leaf tensor) is not part of a copy
+    for _ in range(20):  # a new input (perhaps at a dead one's address) gets a new mask
+        a = torch.ones(64, m.config.hidden_size)
+        before = share(a, attn.q_proj) != 0
+        del a
+        assert not torch.equal(share(torch.ones(64, m.config.hidden_size), attn.k_proj) != 0, before)
+    w = torch.randn(2, 5, m.config.hidden_size, requires_grad=True)
+    held = weakref.ref(share(w * 2, attn.q_proj))  # a training forward with no backward
+    gc.collect()
+    assert held() is None  # its masked copy (and the graph behind it) is not kept
+    copy.deepcopy(m)
+    m.model.layers[0].eval()  # one block in eval: it passes through, the others still drop
+    assert share(x, attn.q_proj) is x and share(x, attn1.q_proj) is not x
     m.eval()
-    assert share._last is None and share(x, attn.q_proj) is x
+    assert share._last is None and share(x, attn1.q_proj) is x
     assert LoRALinear(torch.nn.Linear(4, 4), rank=2, alpha=4).train().dropout(x, None) is x  # dropout 0
+
+
+def test_a_model_forward_draws_one_mask_per_input_not_per_layer(monkeypatch):
+    """In a real forward of a model with LoRA on all 7 projections, dropout draws 4 masks per block (the
+    input of q/k/v, of o, of gate/up, of down), not 7; with the rows' shared prefix packed, the same."""
+    import medlora.lora as lora_mod
+
+    calls = []
+    real = lora_mod.dropout_mask
+    monkeypatch.setattr(lora_mod, "dropout_mask", lambda x, p: calls.append(x.shape) or real(x, p))
+    m = tiny_model()
+    inject_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    m.train()
+    ids = torch.randint(3, 97, (2, 12))
+    m(ids).sum().backward()
+    assert len(calls) == 4 * m.config.num_hidden_layers
+    calls.clear()
+    ids[1, :6] = ids[0, :6]
+    m(ids, shared_prefix=6).sum().backward()
+    assert len(calls) == 4 * m.config.num_hidden_layers
 
 
 def test_shared_dropout_masks_replay_under_grad_checkpointing():
