@@ -111,7 +111,7 @@ class SharedDropout(nn.Module):
             return x
         if torch.compiler.is_compiling():
             # A traced graph has no tensor identities to share by: one mask per layer, drawn in the graph.
-            # (Inductor's own dropout made a compiled bf16 step 37% slower at p = 0.05, this 22%; eager 9-13%.)
+            # (Inductor's own dropout made a compiled bf16 step 37% slower at p = 0.05, this 22%; eager 6-13%.)
             return x * dropout_mask(x, self.p)
         if self._last is not None:
             source, mask, masked, served = self._last
