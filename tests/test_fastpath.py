@@ -583,7 +583,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path):
 
 
 def test_compiled_blocks_train_with_lora_dropout():
-    """Compiled blocks draw LoRA dropout in the traced graph (lora.dropout, one mask per layer): a
+    """Compiled blocks draw LoRA dropout in the traced graph (lora.dropout_mask, one mask per layer): a
     compiled training step with dropout runs, its masks drop about p of the LoRA path (the loss moves
     off the dropout-free one by about what eager's dropout moves it), and eval mode takes no dropout."""
     from helpers import randomize_lora, tiny_model

@@ -83,7 +83,8 @@ def losses(path):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_resume_gives_the_same_run(tmp_path, dropout):
     """Stopped at step 5 and resumed: the same losses and weights as the run never stopped; with LoRA
-    dropout too (the checkpoint's RNG state gives the same masks; SharedDropout holds nothing across steps)."""
+    dropout too (the checkpoint's RNG state gives the same masks; the mask SharedDropout holds is never
+    given to the next step's new input)."""
     full, full_model = run_tiny(tmp_path, "full", dropout=dropout)
     part, _ = run_tiny(tmp_path, "split", stop_at=5, dropout=dropout)
     assert part["interrupted"] and part["step"] == 5
