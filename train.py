@@ -46,13 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=positive_int, default=8)
+    # Rank, alpha, targets and rsLoRA default to None so that a run from --init-adapter can tell a flag given
+    # (which must agree with the adapter) from one left out (which the adapter fills in): init_adapter_config.
+    g.add_argument("--rank", type=positive_int, default=None, help="default: 8")
     g.add_argument("--alpha", type=positive_float, default=None, help="default: 2 x rank")
     g.add_argument("--dropout", type=fraction, default=0.0,
                    help="LoRA dropout on the input of A; layers reading one tensor (q/k/v, gate/up) share a mask")
-    g.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma list of q_proj,...")
-    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    g.add_argument("--init-adapter", default=None, help="start from this adapter (PEFT format) instead of zeros")
+    g.add_argument("--targets", default=None,
+                   help="all-linear (default) | attention | mlp | comma list of q_proj,...")
+    g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--init-adapter", default=None,
+                   help="start from this adapter (PEFT format) instead of zeros: its rank, alpha, targets and "
+                        "rsLoRA come with it (flags that disagree are an error); --dropout is this run's")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="hub data set id, parquet/csv/jsonl file or MedQuAD XML folder "
                                                 "(default: keivalya/MedQuad-MedicalQnADataset, shipped copy offline)")
@@ -114,8 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr, args.batch_size, args.warmup_steps = 1e-3, 4, 5
         args.max_steps = args.max_steps or 120
         args.val_fraction, args.eval_every, args.patience = 0.0, 10**9, 0
-    if args.alpha is None:
-        args.alpha = 2.0 * args.rank
+    args.lora_given = {k: getattr(args, k) for k in ("rank", "alpha", "targets", "rslora") if getattr(args, k) is not None}
+    if not args.init_adapter:  # (with one, init_adapter_config fills them from the adapter)
+        args.rank = args.rank or 8
+        args.alpha = args.alpha or 2.0 * args.rank
+        args.targets, args.rslora = args.targets or "all-linear", bool(args.rslora)
     for kind, maker in (("safety", "medlora.safety_data"), ("replay", "medlora.general_data")):
         if getattr(args, f"no_{kind}_data") and getattr(args, f"{kind}_data"):
             p.error(f"--no-{kind}-data and --{kind}-data contradict each other")
@@ -129,6 +137,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype == "float16":
         p.error("--dtype float16 is not supported for training (no loss scaling); use bfloat16")
     return args
+
+
+def init_adapter_config(args: argparse.Namespace):
+    """The LoRAConfig of a run that continues --init-adapter. Its rank, alpha, targets and rsLoRA are the
+    adapter's (its weights fix them); a flag given for one of them that disagrees is an error, not silently
+    dropped. Dropout is a setting of this run's training, so it is --dropout, whatever the adapter's was."""
+    from dataclasses import replace
+
+    from medlora.config import ConfigError, parse_targets
+    from medlora.lora import AdapterError, read_adapter
+
+    try:
+        cfg, _, _ = read_adapter(args.init_adapter)
+    except AdapterError as e:
+        raise ConfigError(f"--init-adapter: {e}") from None
+    given = args.lora_given
+    have = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(sorted(cfg.targets)), "rslora": cfg.use_rslora}
+    want = dict(given)
+    if "targets" in given:
+        want["targets"] = ",".join(sorted(parse_targets(given["targets"])))
+    clash = [f"--{k} {given[k] if k != 'rslora' else ''}".strip() + f" (the adapter has {have[k]})"
+             for k in want if want[k] != have[k]]
+    if clash:
+        raise ConfigError(f"--init-adapter {args.init_adapter}: {'; '.join(clash)}. Its structure comes with its "
+                          f"weights: leave these flags out")
+    args.rank, args.alpha, args.targets, args.rslora = cfg.rank, cfg.alpha, cfg.targets, cfg.use_rslora
+    return replace(cfg, dropout=args.dropout)
 
 
 def resolve_default_source(args: argparse.Namespace, kind: str) -> tuple[str | None, str | None]:
@@ -232,8 +267,11 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     precision = training_precision(args.dtype, device)
     try:  # every flag is checked before the model or data is touched (identically on every rank)
-        lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
-                              use_rslora=args.rslora)
+        if args.init_adapter:
+            lora_cfg = init_adapter_config(args)
+        else:
+            lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
+                                  use_rslora=args.rslora)
         tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, schedule=args.schedule,
                            weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
@@ -262,13 +300,13 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     from medlora.checkpoint import CheckpointError
     from medlora.config import ConfigError
     from medlora.data import DataError, prepare
-    from medlora.lora import inject_lora, load_adapter, parameter_report
+    from medlora.lora import adapter_base_mismatch, inject_lora, load_adapter, parameter_report
     from medlora.trainer import train
     from medlora.weights import load_pretrained, sha256_file
 
     device, main_rank = dist.device, dist.is_main
     say = print if main_rank else (lambda *a, **k: None)
-    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-r{args.rank}")
+    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-r{lora_cfg.rank}")
     run_dir = Path(dist.broadcast(str(run_dir)))  # the timestamp of rank 0, on every rank
 
     def check_run_dir() -> str | None:
@@ -335,11 +373,14 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         say(f"error: {problem}", file=sys.stderr)
         return 2
     init_sha = None
+    inject_lora(model, lora_cfg)  # from --init-adapter: the adapter's structure with this run's dropout
     if args.init_adapter:
-        lora_cfg = load_adapter(model, args.init_adapter, trainable=True)
+        problem = adapter_base_mismatch(args.init_adapter, model_info)
+        if problem:
+            say(f"error: --init-adapter: {problem}", file=sys.stderr)
+            return 2
+        load_adapter(model, args.init_adapter, trainable=True)  # checks every tensor's name and shape
         init_sha = sha256_file(Path(args.init_adapter) / "adapter_model.safetensors")  # which weights it started from
-    else:
-        inject_lora(model, lora_cfg)
     model.to(device)
     report = parameter_report(model)
     if args.dry_run:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from medlora.data import Dataset, Example, collate
 from medlora.lora import inject_lora, lora_parameters, read_adapter
 from medlora.tokenizer import IGNORE
 from medlora.trainer import TrainConfig, accumulate_gradients, train
+from medlora.weights import sha256_file
 
 
 def synthetic(n: int, seed: int = 0) -> list[Example]:
@@ -139,10 +141,44 @@ def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
     (["--rank", "0"], "--rank"), (["--lr", "-1"], "--lr"), (["--targets", "q_proj,foo"], "unknown module"),
     (["--batch-size", "0"], "--batch-size"), (["--resume"], "--resume needs --out"),
     (["--compile", "--grad-checkpoint"], "--compile and --grad-checkpoint"),
+    (["--init-adapter", "adapters/medlora-r8", "--rank", "16", "--rslora"], "--rank 16 (the adapter has 8); --rslora"),
+    (["--init-adapter", "adapters/medlora-r8", "--targets", "attention"], "--targets attention (the adapter has down_proj,"),
+    (["--init-adapter", "no/such/adapter"], "--init-adapter: no/such/adapter: expected adapter_config.json"),
 ])
 def test_bad_flags_fail_fast(args, msg):
     r = cli(*args, timeout=120)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_init_adapter_continues_from_its_weights_with_this_runs_dropout(tmp_path, gguf_path):
+    """The safety/feedback passes' path: training starts from the shipped adapter's weights, keeps its
+    structure, and uses this run's --dropout (it used to take the adapter's own lora_dropout silently)."""
+    init = ROOT / "adapters" / "medlora-r8"
+    out = tmp_path / "cont"
+    r = cli("--init-adapter", str(init), "--dropout", "0.1", "--lr", "1e-5", "--limit-rows", "24", "--max-steps", "2",
+            "--batch-size", "2", "--max-seq-len", "256", "--eval-every", "2", "--val-rows", "2", "--out", str(out),
+            "--model", gguf_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["lora"]["dropout"] == 0.1 and rec["lora"]["rank"] == 8 and rec["lora"]["alpha"] == 16
+    assert rec["init_adapter_sha256"] == sha256_file(init / "adapter_model.safetensors")
+    cfg, raw, tensors = read_adapter(out / "adapter")
+    assert raw["lora_dropout"] == 0.1 and cfg.targets == read_adapter(init)[0].targets
+    _, _, start = read_adapter(init)
+    # Two small steps move the adapter a little: far from zero-initialised B, close to where it started.
+    for k, v in start.items():
+        assert (tensors[k] - v).norm() < 0.05 * v.norm(), k
+
+
+def test_init_adapter_for_other_base_weights_is_refused(tmp_path, gguf_path):
+    other = tmp_path / "other-base"
+    shutil.copytree(ROOT / "adapters" / "medlora-r8", other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["medlora"]["base_sha256"] = "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    r = cli("--init-adapter", str(other), "--limit-rows", "8", "--max-steps", "1", "--out", str(tmp_path / "o"),
+            "--model", gguf_path, timeout=300)
+    assert r.returncode == 2 and "--init-adapter" in r.stderr and "trained on base weights" in r.stderr, r.stderr[-2000:]
 
 
 def test_missing_column_is_a_clear_error(tmp_path, gguf_path):
