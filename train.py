@@ -42,19 +42,32 @@ def seed_int(s: str) -> int:
     return v
 
 
+# --sanity: what it sets unless the command line gives the flag (no validation split, no early stop)
+SANITY = dict(limit_rows=200, max_seq_len=160, long_rows="truncate", lr=1e-3, batch_size=4, warmup_steps=5,
+              max_steps=120, val_fraction=0.0, eval_every=10**9, patience=0)
+
+
+def given_flags(p: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations the command line set explicitly. argparse fills in defaults, so parse once more
+    with every default suppressed: what is left was given (a value equal to the default included)."""
+    import copy
+
+    q = copy.deepcopy(p)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     g = p.add_argument_group("LoRA")
-    # Rank, alpha, targets and rsLoRA default to None so that a run from --init-adapter can tell a flag given
-    # (which must agree with the adapter) from one left out (which the adapter fills in): init_adapter_config.
-    g.add_argument("--rank", type=positive_int, default=None, help="default: 8")
+    g.add_argument("--rank", type=positive_int, default=8)
     g.add_argument("--alpha", type=positive_float, default=None, help="default: 2 x rank")
     g.add_argument("--dropout", type=fraction, default=0.0,
                    help="LoRA dropout on the input of A; layers reading one tensor (q/k/v, gate/up) share a mask")
-    g.add_argument("--targets", default=None,
-                   help="all-linear (default) | attention | mlp | comma list of q_proj,...")
-    g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma list of q_proj,...")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--init-adapter", default=None,
                    help="start from this adapter (PEFT format) instead of zeros: its rank, alpha, targets and "
                         "rsLoRA come with it (flags that disagree are an error); --dropout is this run's")
@@ -110,20 +123,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--patience", type=nonneg_int, default=5, help="evaluations without improvement; 0 = off")
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>-r<rank>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--sanity", action="store_true", help="overfit ~200 rows quickly and check the basics")
+    g.add_argument("--sanity", action="store_true", help="overfit ~200 rows quickly and check the basics (its "
+                   "settings fill in the flags not given: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SANITY.items()) + ")")
     g.add_argument("--dry-run", action="store_true", help="print trainable parameters, memory estimate, tokens "
                                                           "and steps, then exit without training")
     args = p.parse_args(argv)
-    if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU
-        args.limit_rows, args.max_seq_len, args.long_rows = args.limit_rows or 200, 160, "truncate"
-        args.lr, args.batch_size, args.warmup_steps = 1e-3, 4, 5
-        args.max_steps = args.max_steps or 120
-        args.val_fraction, args.eval_every, args.patience = 0.0, 10**9, 0
-    args.lora_given = {k: getattr(args, k) for k in ("rank", "alpha", "targets", "rslora") if getattr(args, k) is not None}
-    if not args.init_adapter:  # (with one, init_adapter_config fills them from the adapter)
-        args.rank = args.rank or 8
-        args.alpha = args.alpha or 2.0 * args.rank
-        args.targets, args.rslora = args.targets or "all-linear", bool(args.rslora)
+    args.given = given_flags(p, argv)
+    if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU; flags given explicitly win
+        for k, v in SANITY.items():
+            if k not in args.given and not (k == "max_steps" and "epochs" in args.given):
+                setattr(args, k, v)
+    if args.alpha is None and not args.init_adapter:  # (with one, init_adapter_config takes the adapter's)
+        args.alpha = 2.0 * args.rank
     for kind, maker in (("safety", "medlora.safety_data"), ("replay", "medlora.general_data")):
         if getattr(args, f"no_{kind}_data") and getattr(args, f"{kind}_data"):
             p.error(f"--no-{kind}-data and --{kind}-data contradict each other")
@@ -152,7 +163,7 @@ def init_adapter_config(args: argparse.Namespace):
         cfg, _, _ = read_adapter(args.init_adapter)
     except AdapterError as e:
         raise ConfigError(f"--init-adapter: {e}") from None
-    given = args.lora_given
+    given = {k: getattr(args, k) for k in ("rank", "alpha", "targets", "rslora") if k in args.given}
     have = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(sorted(cfg.targets)), "rslora": cfg.use_rslora}
     want = dict(given)
     if "targets" in given:
@@ -164,6 +175,50 @@ def init_adapter_config(args: argparse.Namespace):
                           f"weights: leave these flags out")
     args.rank, args.alpha, args.targets, args.rslora = cfg.rank, cfg.alpha, cfg.targets, cfg.use_rslora
     return replace(cfg, dropout=args.dropout)
+
+
+# What a resumed run must keep: (flag, path into the run record). The data order's settings (batch size,
+# accumulation, seed, processes) are checked against the checkpoint by the trainer; --max-steps, --epochs
+# and the run settings (evaluation, saving, patience, precision, --compile...) may change on a resume.
+RESUME_FIXED = [("--model", ("model", "sha256")), ("--data", ("data", "sha256")),
+                ("--extra-data/--extra-weight", ("data", "extra")), ("--max-seq-len", ("max_seq_len",)),
+                ("--long-rows", ("long_rows",)), ("--init-adapter", ("init_adapter_sha256",)),
+                ("--rank", ("lora", "rank")), ("--alpha", ("lora", "alpha")), ("--dropout", ("lora", "dropout")),
+                ("--targets", ("lora", "targets")), ("--rslora", ("lora", "use_rslora")), ("--lr", ("train", "lr")),
+                ("--weight-decay", ("train", "weight_decay")), ("--warmup-steps", ("train", "warmup_steps")),
+                ("--schedule", ("train", "schedule"))]
+
+
+def resume_changes(was: dict, now: dict) -> list[str]:
+    """'--flag OLD (now NEW)' for each RESUME_FIXED setting that differs between the run record `was` and
+    this command's `now` (a setting the old record lacks is not compared: runs from older versions)."""
+    missing = object()
+
+    def dig(rec, path):
+        for key in path:
+            rec = rec.get(key, missing) if isinstance(rec, dict) else missing
+        return rec
+
+    def show(v) -> str:
+        if isinstance(v, dict):  # {file: sha256}
+            return ", ".join(f"{k} {str(x)[:12]}..." for k, x in v.items()) or "none"
+        if isinstance(v, list):
+            return ",".join(x.get("path", "?") if isinstance(x, dict) else str(x) for x in v) or "none"
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else str(v)
+
+    out = []
+    for flag, path in RESUME_FIXED:
+        old, new = dig(was, path), dig(now, path)
+        if path == ("data", "extra"):
+            old = None if old is missing else old
+            new = None if new is missing else new
+            key = lambda xs: [(x.get("sha256"), x.get("weight")) for x in xs or []]  # noqa: E731
+            if key(old) != key(new):
+                out.append(f"{flag} {show(old or [])} (now {show(new or [])})")
+            continue
+        if old is not missing and old != new:
+            out.append(f"{flag} {show(old)} (now {show(new)})")
+    return out
 
 
 def resolve_default_source(args: argparse.Namespace, kind: str) -> tuple[str | None, str | None]:
@@ -351,24 +406,37 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         say(f"[medlora] {kind} data: {src['used']} examples (weight {src['weight']:g}) from {src['path']}"
             if src["path"] else f"[medlora] {kind} data: off ({src['off']})")
 
-    def mix_changed() -> str | None:  # a resumed run must see the same training mix
+    def resume_problem() -> str | None:  # a resumed run must train on the same data in the same way
         rec = run_dir / "config.json"
         if not args.resume or not rec.exists():
             return None
+        was = json.loads(rec.read_text())
         for kind in ("safety", "replay"):
             src = ds.info[kind]
-            was = json.loads(rec.read_text()).get("data", {}).get(kind) or {}
-            if kind == "replay" and not was and not src.get("path"):
+            old = was.get("data", {}).get(kind) or {}
+            if kind == "replay" and not old and not src.get("path"):
                 continue  # a run from before the replay source existed
-            if (was.get("sha256"), was.get("weight")) != (src.get("sha256"), src.get("weight")):
-                if was.get("path"):
-                    return (f"--resume: this run was trained with the {kind} data {was['path']} (sha256 "
-                            f"{was.get('sha256', '')[:12]}..., weight {was.get('weight')}), not the current mix; "
-                            f"resume it with --{kind}-data {was['path']} --{kind}-weight {was.get('weight')}")
+            if (old.get("sha256"), old.get("weight")) != (src.get("sha256"), src.get("weight")):
+                if old.get("path"):
+                    return (f"--resume: this run was trained with the {kind} data {old['path']} (sha256 "
+                            f"{old.get('sha256', '')[:12]}..., weight {old.get('weight')}), not the current mix; "
+                            f"resume it with --{kind}-data {old['path']} --{kind}-weight {old.get('weight')}")
                 return f"--resume: this run was trained without {kind} data; resume it with --no-{kind}-data"
+        init = sha256_file(Path(args.init_adapter) / "adapter_model.safetensors") if args.init_adapter else None
+        now = {"model": model_info, "data": ds.info, "lora": asdict(lora_cfg), "train": asdict(tcfg),
+               "max_seq_len": args.max_seq_len, "long_rows": args.long_rows, "init_adapter_sha256": init}
+        changed = resume_changes(was, now)
+        split_file = run_dir / "split.json"
+        if split_file.exists() and json.loads(split_file.read_text()).get("val_index") != ds.info["split"]["val_index"]:
+            changed.append("the held-out split (--val-fraction, --limit-rows, --data or --seed: validation rows "
+                           "would leak into training)")
+        if changed:
+            return (f"--resume: {run_dir} was started with other settings: {'; '.join(changed)}. Resume with the "
+                    f"values it started with (its config.json), or start a new run from its adapter with "
+                    f"--init-adapter {run_dir / 'adapter'}")
         return None
 
-    problem = dist.on_main(mix_changed)
+    problem = dist.on_main(resume_problem)
     if problem:
         say(f"error: {problem}", file=sys.stderr)
         return 2

@@ -181,6 +181,38 @@ def test_init_adapter_for_other_base_weights_is_refused(tmp_path, gguf_path):
     assert r.returncode == 2 and "--init-adapter" in r.stderr and "trained on base weights" in r.stderr, r.stderr[-2000:]
 
 
+def test_sanity_fills_in_only_the_flags_not_given():
+    import train as train_cli
+
+    a = train_cli.parse_args(["--sanity", "--lr", "5e-5", "--batch-size", "16", "--max-seq-len", "512",
+                              "--long-rows", "drop", "--val-fraction", "0.2", "--patience", "3"])
+    assert (a.lr, a.batch_size, a.max_seq_len, a.long_rows, a.val_fraction, a.patience) == (5e-5, 16, 512, "drop", 0.2, 3)
+    assert (a.limit_rows, a.max_steps, a.warmup_steps) == (200, 120, 5)  # the rest is --sanity's
+    a = train_cli.parse_args(["--sanity", "--epochs", "2"])
+    assert a.epochs == 2 and a.max_steps is None  # the epochs asked for, not 120 steps
+    a = train_cli.parse_args(["--sanity", "--lr", "2e-4"])  # a value equal to the default still counts as given
+    assert a.lr == 2e-4 and a.batch_size == 4
+    assert train_cli.parse_args(["--rank", "16"]).alpha == 32
+
+
+def test_resume_refuses_settings_that_would_make_another_run(tmp_path, gguf_path):
+    """--resume used to take the checkpoint's lr and weight decay whatever the flags said, rescale the
+    adapter under a new --alpha, and re-split the data under a new --val-fraction (leaking validation rows
+    into training) without a word. Each is now an error naming the flag and the run's value."""
+    out = tmp_path / "run"
+    base = ["--limit-rows", "40", "--batch-size", "2", "--max-seq-len", "256", "--val-rows", "2", "--eval-every", "50",
+            "--save-every", "1", "--out", str(out), "--model", gguf_path, "--no-safety-data", "--no-replay-data"]
+    r = cli(*base, "--max-steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for change, msg in ((["--lr", "1e-3"], "--lr 0.0002 (now 0.001)"), (["--alpha", "32"], "--alpha 16.0 (now 32.0)"),
+                        (["--val-fraction", "0.2"], "the held-out split"), (["--max-seq-len", "300"], "--max-seq-len 256 (now 300)")):
+        r = cli(*base, "--max-steps", "2", "--resume", *change, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr and "--init-adapter" in r.stderr, (change, r.stderr[-2000:])
+    r = cli(*base, "--max-steps", "2", "--resume", "--eval-every", "1")  # run settings may change
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["step"] == 2
+
+
 def test_missing_column_is_a_clear_error(tmp_path, gguf_path):
     f = tmp_path / "qa.csv"
     f.write_text("question,response\nWhat is x?,It is y.\n")
