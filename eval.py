@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from medlora.cli import DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, nonneg_int, pick_device, pick_dtype, positive_int
+from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, nonneg_int,
+                         pick_device, pick_dtype, positive_int, precision_name, sampling_ignored)
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("heldout", "general", "medical", "safety")
@@ -59,6 +60,7 @@ def parse_args(argv=None):
                    help="un-blind a filled review_sheet.csv: win/tie/loss of tuned vs base with 95%% intervals")
     p.add_argument("--key", default=None, help="with --score-review: the key (default: review_key.json beside the sheet)")
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
     if args.key and not args.score_review:
         p.error("--key goes with --score-review")
     if args.score_review:
@@ -71,6 +73,15 @@ def parse_args(argv=None):
         p.error("give --adapter (tuned = base + adapter) or --base-model (when --model is already tuned)")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").exists():
         p.error(f"--adapter {args.adapter}: no adapter_config.json there")
+    if args.adapter and args.base_model and "model" in given:
+        p.error("--model is not used with --adapter and --base-model: the tuned model is --base-model + --adapter")
+    moot = [f"--{k.replace('_', '-')}" for k in ("only", "limit", "general_limit", "medical_limit", "safety_limit",
+                                                  "loss_rows", "review_size", "data") if k in given]
+    if args.prompts and moot:
+        p.error(f"--prompts replaces the built-in parts: {', '.join(moot)} would do nothing with it")
+    warning = sampling_ignored(args, given)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.seed is None:
         args.seed = 0
     return args
@@ -187,7 +198,7 @@ def main(argv=None) -> int:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision = precision_name(dtype)
     torch.manual_seed(args.seed)
     run_dir = Path(args.run) if args.run else (Path(args.adapter).parent if args.adapter else None)
     record = json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None

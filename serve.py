@@ -16,7 +16,8 @@ import argparse
 import os
 import sys
 
-from medlora.cli import DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, pick_device, pick_dtype, positive_int
+from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, pick_device,
+                         pick_dtype, positive_int, sampling_ignored)
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, with_safety_prompt
 
@@ -149,7 +150,7 @@ def http(model, tok, info: dict, args) -> int:
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram=args.no_repeat_ngram)
+        no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
     serve(model, tok, settings, args.host, args.port)
     return 0
 
@@ -182,8 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
     if args.base_only and args.adapter:
         p.error("--base-only and --adapter contradict each other")
+    http_only = [f"--{a.dest.replace('_', '-')}" for g in p._action_groups if g.title == "HTTP server (--http)"
+                 for a in g._group_actions if a.dest != "http" and a.dest in given]
+    if http_only and not args.http:
+        p.error(f"{', '.join(http_only)} only apply with --http")
+    warning = sampling_ignored(args, given)
+    if warning and not args.http:  # (over HTTP a request may still ask for a temperature)
+        print(f"warning: {warning}", file=sys.stderr)
     try:  # check the settings before the slow model load
         gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,

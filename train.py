@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from medlora.cli import (add_model_flags, fraction, nonneg_float, nonneg_int, pick_device, positive_float,
+from medlora.cli import (add_model_flags, fraction, given_flags, nonneg_float, nonneg_int, pick_device, positive_float,
                          positive_int, training_precision)
 
 ROOT = Path(__file__).resolve().parent
@@ -45,17 +45,6 @@ def seed_int(s: str) -> int:
 # --sanity: what it sets unless the command line gives the flag (no validation split, no early stop)
 SANITY = dict(limit_rows=200, max_seq_len=160, long_rows="truncate", lr=1e-3, batch_size=4, warmup_steps=5,
               max_steps=120, val_fraction=0.0, eval_every=10**9, patience=0)
-
-
-def given_flags(p: argparse.ArgumentParser, argv) -> set[str]:
-    """The destinations the command line set explicitly. argparse fills in defaults, so parse once more
-    with every default suppressed: what is left was given (a value equal to the default included)."""
-    import copy
-
-    q = copy.deepcopy(p)
-    for action in q._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(q.parse_args(argv)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per training row (default 320: with --long-rows truncate, answers are cut at a "
                         "sentence end to fit, which teaches answers that end; docs/recipe)")
     g.add_argument("--long-rows", choices=["drop", "truncate"], default="truncate",
-                   help="what to do with rows over --max-seq-len (default truncate: shorten the answer)")
+                   help="what to do with MedQuAD rows over --max-seq-len (default truncate: shorten the answer); "
+                        "chat examples over it (--extra-data, safety, replay) are left out and counted")
     g.add_argument("--val-fraction", type=fraction, default=0.1)
     g.add_argument("--limit-rows", type=positive_int, default=None, help="use only this many rows (split first)")
     g.add_argument("--extra-data", action="append", default=[], help="extra chat JSONL ({'messages': [...]}), repeatable")

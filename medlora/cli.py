@@ -46,6 +46,30 @@ def fraction(s: str) -> float:
     return v
 
 
+def given_flags(p: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations the command line set explicitly. argparse fills in defaults, so parse once more
+    with every default suppressed: what is left was given (a value equal to the default included)."""
+    import copy
+
+    q = copy.deepcopy(p)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The name records and cache keys use for a generation dtype (only bf16 autocasts a loss)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def sampling_ignored(args: argparse.Namespace, given: set[str]) -> str | None:
+    """A warning when sampling flags were given but decoding is greedy (temperature 0): they do nothing."""
+    moot = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if k in given]
+    if moot and not args.temperature:
+        return f"{', '.join(moot)} only affect sampling, and --temperature is 0 (greedy): they change nothing"
+    return None
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     from .weights import DEFAULT_MODEL
 

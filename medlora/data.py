@@ -319,14 +319,18 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
     return out
 
 
-def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None) -> list[Example]:
-    """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first."""
+def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None,
+                    skipped: Counter | None = None) -> list[Example]:
+    """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first. Rows left
+    out are counted in `skipped` by reason (the caller says so: nothing is dropped silently)."""
+    skipped = Counter() if skipped is None else skipped
     from .tokenizer import with_safety_prompt
 
     out = []
     for n, rec in enumerate(_read_table(Path(path)), 1):
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if isinstance(rec, dict) and rec.get("rating") == "bad" and not rec.get("correction"):
+            skipped["bad answers without a correction"] += 1
             continue  # served feedback: a bad answer nobody corrected must not become a training target
         try:
             validate_messages(msgs)
@@ -337,7 +341,15 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
             raise DataError(f"{path}: row {n}: field 'messages': {e}") from None
         if len(ids) <= max_len:
             out.append(Example(ids, labels, source or Path(path).stem))
+        else:
+            skipped[f"longer than {max_len} tokens"] += 1
     return out
+
+
+def say_skipped(what: str, skipped: Counter, rows: int) -> None:
+    if skipped:
+        print(f"[medlora] {what}: {sum(skipped.values())} of {rows} rows left out ("
+              + ", ".join(f"{n} {why}" for why, n in skipped.items()) + ")", file=sys.stderr)
 
 
 def mix(base: list[Example], extra: list[Example], weight: float, seed: int) -> list[Example]:
@@ -401,15 +413,15 @@ def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Examp
     if not Path(path).is_file():
         raise DataError(f"{kind} data {path}: no such file (make it with `{MAKERS[kind]} --out {path}`, or train "
                         f"without it: --no-{kind}-data)")
-    ex = load_chat_jsonl(path, tok, max_len, source=kind)
+    skipped: Counter = Counter()
+    ex = load_chat_jsonl(path, tok, max_len, source=kind, skipped=skipped)
     before = len(train)
     train = mix(train, ex, weight, seed)
     rows = len(_read_table(Path(path)))
     info[kind] = {"path": str(path), "sha256": sha256_file(path), "rows": rows, "examples": len(ex),
                   "weight": weight, "used": len(train) - before}
-    if verbose and len(ex) < rows:
-        print(f"[medlora] {kind} data: {rows - len(ex)} of {rows} examples are longer than {max_len} tokens and left "
-              f"out", file=sys.stderr)
+    if verbose:
+        say_skipped(f"{kind} data", skipped, rows)
     return train
 
 
@@ -434,12 +446,16 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
     train = build_examples(train_rows, tok, max_len, long_rows, counts)
     val = build_examples(val_rows, tok, max_len, long_rows, Counter())
     for path in extra or []:
-        ex = load_chat_jsonl(path, tok, max_len)
+        skipped: Counter = Counter()
+        ex = load_chat_jsonl(path, tok, max_len, skipped=skipped)
         train = mix(train, ex, extra_weight, seed)
         from .weights import sha256_file
 
-        info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "examples": len(ex),
-                                             "weight": extra_weight})
+        rows = len(_read_table(Path(path)))
+        if verbose:  # (--long-rows applies to MedQuAD's rows: a chat example is not shortened)
+            say_skipped(f"extra data {path}", skipped, rows)
+        info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "rows": rows,
+                                             "examples": len(ex), "weight": extra_weight, "skipped": dict(skipped)})
     for kind, path, weight in (("safety", safety, safety_weight), ("replay", replay, replay_weight)):
         if path is not None:
             train = _mix_in(kind, path, weight, train, info, tok, max_len, seed, verbose)

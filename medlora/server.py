@@ -70,6 +70,7 @@ class Settings:
     top_k: int = 0  # server-wide (not in the OpenAI API)
     repetition_penalty: float = 1.0  # server-wide
     no_repeat_ngram: int = 0  # server-wide
+    seed: int | None = None  # for requests that send none (serve.py --seed): sampled answers reproducible
 
 
 class ApiError(Exception):
@@ -170,6 +171,7 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(400, "'seed' must be an integer", "seed", "invalid_type")
+    seed = settings.seed if seed is None else seed
 
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop

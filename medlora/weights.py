@@ -249,6 +249,9 @@ def resolve_model(spec: str | None = None, revision: str | None = None, verbose:
     """Decide where the weights come from; return {kind, path, id, revision, note}."""
     spec = spec or DEFAULT_MODEL
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+    if revision and (spec == BUNDLED or os.path.exists(spec)):
+        raise WeightsError(f"--revision {revision}: only a hub id has revisions; --model {spec} is a local "
+                           f"{'package' if spec == BUNDLED else 'path'}")
     if spec == BUNDLED:
         path = bundled_gguf()
         if not path:
@@ -268,7 +271,7 @@ def resolve_model(spec: str | None = None, revision: str | None = None, verbose:
         return {"kind": "hub", "path": path, "id": spec, "revision": revision, "note": ""}
     except Exception as e:  # offline, unknown repo, gated...: report, then maybe fall back
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    fallback = bundled_gguf() if spec == DEFAULT_MODEL else None
+    fallback = bundled_gguf() if spec == DEFAULT_MODEL and not revision else None  # (a pinned revision is not ours)
     if fallback is None:
         raise WeightsError(
             f"cannot load {spec!r} from the hub ({reason}). Either connect to the hub / put it in the "

@@ -46,6 +46,29 @@ def test_serve_and_eval_default_to_no_repeat_4gram():
 def test_bad_flags_fail_before_loading():
     r = run(["--max-new-tokens", "0", "--prompt", "x"])
     assert r.returncode == 2 and "max-new-tokens" in r.stderr
+    r = run(["--port", "9000", "--max-batch", "4", "--prompt", "x"])  # HTTP settings without --http did nothing
+    assert r.returncode == 2 and "--port, --max-batch only apply with --http" in r.stderr, r.stderr
+
+
+def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys):
+    """eval.py and serve.py say so when a flag given would change nothing, instead of ignoring it."""
+    import torch
+
+    import eval as eval_cli
+    from medlora.cli import precision_name
+
+    adapter = str(ROOT / "adapters" / "medlora-r8")
+    for argv, msg in ((["--adapter", adapter, "--base-model", "bundled", "--model", "x/y"], "--model is not used"),
+                      (["--adapter", adapter, "--prompts", "p.jsonl", "--limit", "5"], "--limit would do nothing")):
+        with pytest.raises(SystemExit) as e:
+            eval_cli.parse_args(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--seed", "1"])
+    assert "--top-k, --seed only affect sampling" in capsys.readouterr().err
+    eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--temperature", "0.7"])
+    assert "warning" not in capsys.readouterr().err
+    # The base-answer cache and the report tell float16 from float32 (both were "fp32").
+    assert [precision_name(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == ["fp32", "fp16", "bf16"]
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

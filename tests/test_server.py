@@ -224,6 +224,16 @@ def test_seeded_sampling_is_reproducible(client):
     assert ask() == ask()
 
 
+def test_server_seed_is_the_default_for_requests_without_one():
+    """serve.py --http --seed N: a request that sends no seed samples with N (it was ignored)."""
+    from medlora.server import Settings, parse_chat_request
+
+    body = {"model": "medlora", "messages": user("hi"), "temperature": 0.8}
+    assert parse_chat_request(body, Settings(seed=7)).seed == 7
+    assert parse_chat_request({**body, "seed": 3}, Settings(seed=7)).seed == 3
+    assert parse_chat_request(body, Settings()).seed is None
+
+
 def test_answer_text_holds_back_split_characters_and_stop_prefixes(ours):
     tok = ours[1]
     text = "Take two 💊 with water. STOP here"
