@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, nonneg_int,
-                         pick_device, pick_dtype, positive_int, precision_name, sampling_ignored)
+                         pick_device, pick_dtype, positive_int, precision_name, revision_unused,
+                         sampling_ignored)
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("heldout", "general", "medical", "safety")
@@ -79,9 +80,12 @@ def parse_args(argv=None):
                                                   "loss_rows", "review_size", "data") if k in given]
     if args.prompts and moot:
         p.error(f"--prompts replaces the built-in parts: {', '.join(moot)} would do nothing with it")
-    warning = sampling_ignored(args, given)
+    warning = sampling_ignored(args, given, ("top_k", "top_p"))  # (eval's --seed also picks the held-out sample)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    problem = revision_unused(args.revision, args.model, args.base_model)
+    if problem:
+        p.error(problem)
     if args.seed is None:
         args.seed = 0
     return args
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
     from medlora.generate import GenConfig
     from medlora.lora import adapter_base_mismatch, load_adapter
     from medlora.trainer import evaluate_loss
-    from medlora.weights import load_pretrained
+    from medlora.weights import WeightsError, is_local_model, load_pretrained
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -256,7 +260,13 @@ def main(argv=None) -> int:
         return res
 
     base_spec = args.base_model or args.model
-    model, tok, base_info = load_pretrained(base_spec, args.revision, dtype=dtype, device=device)
+    def load(spec):  # --revision pins the hub model(s); a local --base-model beside a hub --model takes none
+        try:
+            return load_pretrained(spec, None if is_local_model(spec) else args.revision, dtype=dtype, device=device)
+        except WeightsError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    model, tok, base_info = load(base_spec)
     cache = (base_cache_file(args.base_cache, base_info, gen, precision, device, args.batch_size, inputs,
                              (max_len, policy)) if args.base_cache else None)
     reused = bool(cache and cache.exists())
@@ -279,7 +289,7 @@ def main(argv=None) -> int:
         tuned_info = {"base": base_info, "adapter": str(args.adapter)}
     else:
         del model
-        model, tok, tuned_info = load_pretrained(args.model, args.revision, dtype=dtype, device=device)
+        model, tok, tuned_info = load(args.model)
     tuned = run_model(model, tok, "tuned")
     if "general" in inputs:
         tuned["general"]["nll_on_base_answers"] = ev.answer_nll(model, tok, inputs["general"]["questions"],

@@ -17,7 +17,7 @@ import os
 import sys
 
 from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, pick_device,
-                         pick_dtype, positive_int, sampling_ignored)
+                         pick_dtype, positive_int, revision_unused, sampling_ignored)
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, with_safety_prompt
 
@@ -28,7 +28,7 @@ def build(args):
     """Load the base and merge the adapter: --adapter DIR, none with --base-only, else the shipped
     default adapter on the base it records (the default adapter refuses any other base)."""
     from medlora import shipped
-    from medlora.weights import load_pretrained
+    from medlora.weights import WeightsError, load_pretrained
 
     device = pick_device(args.device)
     adapter = None if getattr(args, "base_only", False) else (args.adapter or str(shipped.DEFAULT_ADAPTER))
@@ -39,7 +39,10 @@ def build(args):
             spec = shipped.base_spec(adapter)
         except shipped.ShippedAdapterError as e:
             raise SystemExit(f"error: {e}") from None
-    model, tok, info = load_pretrained(spec, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
+    try:
+        model, tok, info = load_pretrained(spec, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
+    except WeightsError as e:
+        raise SystemExit(f"error: {e}") from None
     if adapter:
         from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter
 
@@ -190,6 +193,9 @@ def main(argv=None) -> int:
                  for a in g._group_actions if a.dest != "http" and a.dest in given]
     if http_only and not args.http:
         p.error(f"{', '.join(http_only)} only apply with --http")
+    problem = revision_unused(args.revision, args.model)  # (no --model: the default adapter's local base)
+    if problem:
+        p.error(problem)
     warning = sampling_ignored(args, given)
     if warning and not args.http:  # (over HTTP a request may still ask for a temperature)
         print(f"warning: {warning}", file=sys.stderr)

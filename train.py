@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medlora.cli import (add_model_flags, fraction, given_flags, nonneg_float, nonneg_int, pick_device, positive_float,
-                         positive_int, training_precision)
+                         positive_int, revision_unused, training_precision)
 
 ROOT = Path(__file__).resolve().parent
 INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: "stopped early, resumable"
@@ -119,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "and steps, then exit without training")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
+    if revision_unused(args.revision, args.model):
+        p.error(revision_unused(args.revision, args.model))
     if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU; flags given explicitly win
         for k, v in SANITY.items():
             if k not in args.given and not (k == "max_steps" and "epochs" in args.given):
@@ -172,7 +174,7 @@ def init_adapter_config(args: argparse.Namespace):
 # and the run settings (evaluation, saving, patience, precision, --compile...) may change on a resume.
 RESUME_FIXED = [("--model", ("model", "sha256")), ("--data", ("data", "sha256")),
                 ("--extra-data/--extra-weight", ("data", "extra")), ("--max-seq-len", ("max_seq_len",)),
-                ("--long-rows", ("long_rows",)), ("--init-adapter", ("init_adapter_sha256",)),
+                ("--long-rows", ("long_rows",)),
                 ("--rank", ("lora", "rank")), ("--alpha", ("lora", "alpha")), ("--dropout", ("lora", "dropout")),
                 ("--targets", ("lora", "targets")), ("--rslora", ("lora", "use_rslora")), ("--lr", ("train", "lr")),
                 ("--weight-decay", ("train", "weight_decay")), ("--warmup-steps", ("train", "warmup_steps")),
@@ -190,6 +192,8 @@ def resume_changes(was: dict, now: dict) -> list[str]:
         return rec
 
     def show(v) -> str:
+        if v is missing or v is None:
+            return "none"
         if isinstance(v, dict):  # {file: sha256}
             return ", ".join(f"{k} {str(x)[:12]}..." for k, x in v.items()) or "none"
         if isinstance(v, list):
@@ -347,7 +351,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     from medlora.data import DataError, prepare
     from medlora.lora import adapter_base_mismatch, inject_lora, load_adapter, parameter_report
     from medlora.trainer import train
-    from medlora.weights import load_pretrained, sha256_file
+    from medlora.weights import WeightsError, load_pretrained, sha256_file
 
     device, main_rank = dist.device, dist.is_main
     say = print if main_rank else (lambda *a, **k: None)
@@ -372,7 +376,11 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         return 2
 
     torch.manual_seed(args.seed)
-    model, tok, model_info = load_pretrained(args.model, args.revision, device=device, verbose=main_rank)
+    try:
+        model, tok, model_info = load_pretrained(args.model, args.revision, device=device, verbose=main_rank)
+    except WeightsError as e:
+        say(f"error: {e}", file=sys.stderr)
+        return 2
     if tcfg.precision == "bf16":
         # The frozen base is stored in bf16: autocast would otherwise re-cast every weight on every
         # forward (frozen tensors are not in its cast cache), and it halves the weights' memory.
@@ -412,9 +420,8 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
                             f"{old.get('sha256', '')[:12]}..., weight {old.get('weight')}), not the current mix; "
                             f"resume it with --{kind}-data {old['path']} --{kind}-weight {old.get('weight')}")
                 return f"--resume: this run was trained without {kind} data; resume it with --no-{kind}-data"
-        init = sha256_file(Path(args.init_adapter) / "adapter_model.safetensors") if args.init_adapter else None
         now = {"model": model_info, "data": ds.info, "lora": asdict(lora_cfg), "train": asdict(tcfg),
-               "max_seq_len": args.max_seq_len, "long_rows": args.long_rows, "init_adapter_sha256": init}
+               "max_seq_len": args.max_seq_len, "long_rows": args.long_rows}  # (the checkpoint replaces --init-adapter's weights)
         changed = resume_changes(was, now)
         split_file = run_dir / "split.json"
         if split_file.exists() and json.loads(split_file.read_text()).get("val_index") != ds.info["split"]["val_index"]:

@@ -62,11 +62,21 @@ def precision_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def sampling_ignored(args: argparse.Namespace, given: set[str]) -> str | None:
+def sampling_ignored(args: argparse.Namespace, given: set[str], flags=("top_k", "top_p", "seed")) -> str | None:
     """A warning when sampling flags were given but decoding is greedy (temperature 0): they do nothing."""
-    moot = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if k in given]
+    moot = [f"--{k.replace('_', '-')}" for k in flags if k in given]
     if moot and not args.temperature:
-        return f"{', '.join(moot)} only affect sampling, and --temperature is 0 (greedy): they change nothing"
+        return f"{', '.join(moot)}: no effect, decoding is greedy (--temperature 0)"
+    return None
+
+
+def revision_unused(revision: str | None, *specs: str | None) -> str | None:
+    """An error when --revision is given but no model named is a hub id (a revision pins hub weights)."""
+    from .weights import is_local_model
+
+    if revision and all(spec is None or is_local_model(spec) for spec in specs):
+        named = ", ".join(s for s in specs if s) or "no --model given"
+        return f"--revision {revision}: only a hub id has revisions, and the model is local ({named})"
     return None
 
 

@@ -203,10 +203,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
     # share them without copying (the same as k.repeat_interleave(n_head // n_kv, dim=1)).
     gqa = k.shape[1] != q.shape[1]
-    if gqa and q.is_cuda and (q.dtype == torch.float32 or not isinstance(mask, (str, type(None)))):
+    if gqa and q.is_cuda and (q.dtype == torch.float32 and q.shape[2] > 1 or not isinstance(mask, (str, type(None)))):
         # On CUDA only flash attention (16-bit, no explicit mask) and the math kernel take GQA (PyTorch's
         # SDPA docs); cuDNN's failed on GQA + a mask (torch 2.11, H200), and fp32 would fall back to the math
-        # kernel's [B, H, T, T] scores. With the heads copied, the memory-efficient kernel runs instead.
+        # kernel's [B, H, T, T] scores. With the heads copied, the memory-efficient kernel runs instead (not for
+        # one fp32 query per row, decoding: there the math kernel's scores are small, the cache's copy is not).
         r = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), False
     if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel

@@ -245,13 +245,17 @@ def hub_download(repo_id: str, revision: str | None = None) -> str:
                              allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
 
 
+def is_local_model(spec: str | None) -> bool:
+    """A --model that names local weights (a folder, a .gguf file, or the bundled package), not a hub id."""
+    return spec is not None and (spec == BUNDLED or os.path.exists(spec))
+
+
 def resolve_model(spec: str | None = None, revision: str | None = None, verbose: bool = True) -> dict:
     """Decide where the weights come from; return {kind, path, id, revision, note}."""
     spec = spec or DEFAULT_MODEL
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
-    if revision and (spec == BUNDLED or os.path.exists(spec)):
-        raise WeightsError(f"--revision {revision}: only a hub id has revisions; --model {spec} is a local "
-                           f"{'package' if spec == BUNDLED else 'path'}")
+    if revision and is_local_model(spec):
+        raise WeightsError(f"--revision {revision}: only a hub id has revisions; {spec} is local")
     if spec == BUNDLED:
         path = bundled_gguf()
         if not path:

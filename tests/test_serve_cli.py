@@ -63,8 +63,15 @@ def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys):
         with pytest.raises(SystemExit) as e:
             eval_cli.parse_args(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
-    eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--seed", "1"])
-    assert "--top-k, --seed only affect sampling" in capsys.readouterr().err
+    eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--top-p", "0.5", "--seed", "1"])
+    assert "--top-k, --top-p: no effect, decoding is greedy" in capsys.readouterr().err  # (eval's seed picks rows)
+    # --revision pins hub weights: an error when every model named is local, fine for a hub --model.
+    with pytest.raises(SystemExit):
+        eval_cli.parse_args(["--adapter", adapter, "--model", "bundled", "--revision", "v1"])
+    assert "only a hub id has revisions" in capsys.readouterr().err
+    eval_cli.parse_args(["--base-model", "bundled", "--model", "org/tuned", "--revision", "v1"])
+    r = run(["--revision", "v1", "--prompt", "x"])  # serve.py's default: the shipped adapter's local base
+    assert r.returncode == 2 and "only a hub id has revisions" in r.stderr, r.stderr
     eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--temperature", "0.7"])
     assert "warning" not in capsys.readouterr().err
     # The base-answer cache and the report tell float16 from float32 (both were "fp32").

@@ -144,6 +144,7 @@ def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
     (["--init-adapter", "adapters/medlora-r8", "--rank", "16", "--rslora"], "--rank 16 (the adapter has 8); --rslora"),
     (["--init-adapter", "adapters/medlora-r8", "--targets", "attention"], "--targets attention (the adapter has down_proj,"),
     (["--init-adapter", "no/such/adapter"], "--init-adapter: no/such/adapter: expected adapter_config.json"),
+    (["--model", "README.md", "--revision", "main"], "--revision main: only a hub id has revisions"),
 ])
 def test_bad_flags_fail_fast(args, msg):
     r = cli(*args, timeout=120)

@@ -114,7 +114,7 @@ def test_model_resolution(tmp_path, gguf_path, monkeypatch):
         resolve_model("someone/other-model", verbose=False)
     # --revision pins a hub revision: refused for local weights, and never answered by the offline fallback.
     for local in (gguf_path, str(tmp_path), "bundled"):
-        with pytest.raises(WeightsError, match="--revision main: only a hub id has revisions"):
+        with pytest.raises(WeightsError, match="--revision main: only a hub id has revisions; .* is local"):
             resolve_model(local, revision="main", verbose=False)
     with pytest.raises(WeightsError, match="cannot load"):
         resolve_model(None, revision="v1.0", verbose=False)
