@@ -702,6 +702,22 @@ def test_readme_interleaved_ratios_come_from_their_bench_record():
     assert want in readme
 
 
+def test_readme_session14_interleaved_ratios_come_from_their_bench_records():
+    """The README's session-14 paired ratios are bench/results/cpu-interleaved-s14*.json's."""
+    readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks as spaces
+
+    def fig(t):
+        return (f"**{t['ratio_median']:.2f}×** ({t['ratio_min']:.2f}–{t['ratio_max']:.2f} over {t['batches']} batches; "
+                f"{t['medlora_tok_per_s']:.0f} against {t['hf_tok_per_s']:.0f} tokens/s)")
+
+    runs = {name: json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())["summary"]["interleaved"]
+            for name in ("cpu-interleaved-s14", "cpu-interleaved-s14-fp32")}
+    for want in (f"read {fig(runs['cpu-interleaved-s14']['fp32'])} in fp32",
+                 f"and {fig(runs['cpu-interleaved-s14']['bf16'])} in bf16",
+                 f"(`cpu-interleaved-s14-fp32.md`) {fig(runs['cpu-interleaved-s14-fp32']['fp32'])}"):
+        assert want in readme, want
+
+
 def test_readme_dropout_figures_come_from_their_bench_record():
     """The README's LoRA-dropout figures (cost on each side, ratio with dropout on both) are
     bench/results/cpu-dropout-s13.json's interleaved rotation."""
