@@ -78,8 +78,8 @@ def parse_args(argv=None):
         p.error("--model is not used with --adapter and --base-model: the tuned model is --base-model + --adapter")
     moot = [f"--{k.replace('_', '-')}" for k in ("only", "limit", "general_limit", "medical_limit", "safety_limit",
                                                   "loss_rows", "review_size", "data") if k in given]
-    if args.prompts and moot:
-        p.error(f"--prompts replaces the built-in parts: {', '.join(moot)} would do nothing with it")
+    if args.prompts and moot:  # (a warning: harmless limits, e.g. from a script that shrinks every eval)
+        print(f"warning: --prompts replaces the built-in parts: {', '.join(moot)} do nothing with it", file=sys.stderr)
     warning = sampling_ignored(args, given, ("top_k", "top_p"))  # (eval's --seed also picks the held-out sample)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
