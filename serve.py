@@ -128,8 +128,11 @@ def repl(model, tok, gen: GenConfig) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+HTTP_GROUP = "HTTP server (--http)"  # its flags other than --http are refused without it (main)
+
+
 def add_http_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("HTTP server (--http)")
+    g = p.add_argument_group(HTTP_GROUP)
     g.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API and the chat page")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     g.add_argument("--port", type=int, default=8000)
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     given = given_flags(p, argv)
     if args.base_only and args.adapter:
         p.error("--base-only and --adapter contradict each other")
-    http_only = [f"--{a.dest.replace('_', '-')}" for g in p._action_groups if g.title == "HTTP server (--http)"
+    http_only = [f"--{a.dest.replace('_', '-')}" for g in p._action_groups if g.title == HTTP_GROUP
                  for a in g._group_actions if a.dest != "http" and a.dest in given]
     if http_only and not args.http:
         p.error(f"{', '.join(http_only)} only apply with --http")

@@ -119,13 +119,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "and steps, then exit without training")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
-    if revision_unused(args.revision, args.model):
-        p.error(revision_unused(args.revision, args.model))
+    problem = revision_unused(args.revision, args.model)
+    if problem:
+        p.error(problem)
     if args.sanity:  # small, short, fast: about 10 minutes on a 2-core CPU; flags given explicitly win
         for k, v in SANITY.items():
             if k not in args.given and not (k == "max_steps" and "epochs" in args.given):
                 setattr(args, k, v)
-    if args.alpha is None and not args.init_adapter:  # (with one, init_adapter_config takes the adapter's)
+    if args.alpha is None:  # (with --init-adapter, init_adapter_config takes the adapter's)
         args.alpha = 2.0 * args.rank
     for kind, maker in (("safety", "medlora.safety_data"), ("replay", "medlora.general_data")):
         if getattr(args, f"no_{kind}_data") and getattr(args, f"{kind}_data"):
@@ -165,7 +166,6 @@ def init_adapter_config(args: argparse.Namespace):
     if clash:
         raise ConfigError(f"--init-adapter {args.init_adapter}: {'; '.join(clash)}. Its structure comes with its "
                           f"weights: leave these flags out")
-    args.rank, args.alpha, args.targets, args.rslora = cfg.rank, cfg.alpha, cfg.targets, cfg.use_rslora
     return replace(cfg, dropout=args.dropout)
 
 
@@ -203,12 +203,10 @@ def resume_changes(was: dict, now: dict) -> list[str]:
     out = []
     for flag, path in RESUME_FIXED:
         old, new = dig(was, path), dig(now, path)
-        if path == ("data", "extra"):
-            old = None if old is missing else old
-            new = None if new is missing else new
-            key = lambda xs: [(x.get("sha256"), x.get("weight")) for x in xs or []]  # noqa: E731
-            if key(old) != key(new):
-                out.append(f"{flag} {show(old or [])} (now {show(new or [])})")
+        if path == ("data", "extra"):  # a list of files: compared by content and weight
+            old, new = ([] if v is missing else v or [] for v in (old, new))
+            if [(x.get("sha256"), x.get("weight")) for x in old] != [(x.get("sha256"), x.get("weight")) for x in new]:
+                out.append(f"{flag} {show(old)} (now {show(new)})")
             continue
         if old is not missing and old != new:
             out.append(f"{flag} {show(old)} (now {show(new)})")

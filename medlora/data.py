@@ -417,7 +417,7 @@ def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Examp
     ex = load_chat_jsonl(path, tok, max_len, source=kind, skipped=skipped)
     before = len(train)
     train = mix(train, ex, weight, seed)
-    rows = len(_read_table(Path(path)))
+    rows = len(ex) + sum(skipped.values())  # every row is an example or counted as skipped
     info[kind] = {"path": str(path), "sha256": sha256_file(path), "rows": rows, "examples": len(ex),
                   "weight": weight, "used": len(train) - before}
     if verbose:
@@ -451,7 +451,7 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
         train = mix(train, ex, extra_weight, seed)
         from .weights import sha256_file
 
-        rows = len(_read_table(Path(path)))
+        rows = len(ex) + sum(skipped.values())
         if verbose:  # (--long-rows applies to MedQuAD's rows: a chat example is not shortened)
             say_skipped(f"extra data {path}", skipped, rows)
         info.setdefault("extra", []).append({"path": str(path), "sha256": sha256_file(path), "rows": rows,
