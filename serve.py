@@ -19,7 +19,7 @@ import sys
 from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, pick_device,
                          pick_dtype, positive_int, revision_unused, sampling_ignored)
 from medlora.generate import GenConfig, stream_chat
-from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, with_safety_prompt
+from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, ChatFormatError, with_safety_prompt
 
 HELP = "commands: /reset (new conversation), /system [TEXT] (show or add instructions), /quit"
 
@@ -81,8 +81,16 @@ def build(args):
     return model, tok, info
 
 
-def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout) -> str:
+def conversation(tok, history: list[dict], system_extra: str | None) -> list[dict]:
+    """What the model is asked: the safe system prompt (+ /system's text) and the turns so far.
+    Raises ChatFormatError when a message holds a control token of the chat format."""
     messages = with_safety_prompt(([{"role": "system", "content": system_extra}] if system_extra else []) + history)
+    tok.check_messages(messages)
+    return messages
+
+
+def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout) -> str:
+    messages = conversation(tok, history, system_extra)
     pieces = []
     for piece in stream_chat(model, tok, messages, gen):
         pieces.append(piece)
@@ -114,6 +122,11 @@ def repl(model, tok, gen: GenConfig) -> None:
         if line.startswith("/system"):
             text = line[len("/system"):].strip()
             if text:
+                try:
+                    conversation(tok, history, text)
+                except ChatFormatError as e:
+                    print(f"(not added: {e})")
+                    continue
                 extra = text
                 print("(added to the system prompt)")
             else:
@@ -123,6 +136,12 @@ def repl(model, tok, gen: GenConfig) -> None:
             print(HELP)
             continue
         history.append({"role": "user", "content": line})
+        try:
+            conversation(tok, history, extra)
+        except ChatFormatError as e:
+            history.pop()
+            print(f"(not sent: {e})")
+            continue
         sys.stdout.write("medlora> ")
         reply = answer(model, tok, history, gen, extra)
         history.append({"role": "assistant", "content": reply})
@@ -142,6 +161,8 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=positive_int, default=2048, help="longest prompt accepted, in tokens")
     g.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for")
     g.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="largest request body accepted")
+    g.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting or running at once; more are answered 429, retry later (default %(default)s)")
     g.add_argument("--max-batch", type=positive_int, default=1,
                    help="decode up to N waiting greedy requests together (default 1: one by one, so answers are "
                         "exactly reproducible; >1 is faster under load, see README)")
@@ -154,7 +175,7 @@ def http(model, tok, info: dict, args) -> int:
         model_id="medlora", base_model=info["id"], adapter=args.adapter, api_key=args.api_key,
         feedback_file=args.feedback_file, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
-        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, temperature=args.temperature,
+        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
     serve(model, tok, settings, args.host, args.port)
@@ -223,7 +244,11 @@ def main(argv=None) -> int:
     if args.prompt is not None:
         if not args.prompt.strip():
             p.error("--prompt is empty")
-        answer(model, tok, [{"role": "user", "content": args.prompt}], gen, None)
+        try:
+            answer(model, tok, [{"role": "user", "content": args.prompt}], gen, None)
+        except ChatFormatError as e:
+            print(f"error: --prompt: {e}", file=sys.stderr)
+            return 2
         return 0
     repl(model, tok, gen)
     return 0

@@ -38,8 +38,8 @@ class GenConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token (as OpenAI's API allows)
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
             raise ValueError("top_k and no_repeat_ngram must be >= 0 and repetition_penalty > 0")
 

@@ -14,8 +14,15 @@ the worker's text pieces to the client.
 Safety: every conversation is rendered under MEDICAL_SYSTEM_PROMPT via `with_safety_prompt`,
 the same template training uses; a client's system message is added after it, never instead.
 
-Left out: tools/function calls, n > 1, logprobs, penalties other than the server's
---repetition-penalty, and continuous batching (a request that arrives mid-batch waits for it).
+Left out: tools/function calls, n > 1, logprobs, JSON mode, logit bias, presence/frequency penalties
+(the server's --repetition-penalty applies to every request), CORS, and continuous batching (a
+request that arrives mid-batch waits for it). A request that asks for one of them, or sends a
+field OpenAI does not define, gets a 400 naming it, as OpenAI answers unknown fields: a silently
+ignored setting would be a wrong answer.
+
+Browsers: POST bodies must be `Content-Type: application/json` and a request from a page on another
+origin is refused, so a web page the user visits cannot make the server write training examples
+into its feedback log (a text/plain POST needs no CORS preflight; a JSON one does, and there is none).
 
 Mirrors OpenAI's Chat Completions API (the request and SSE stream shapes the `openai` client
 expects, which vLLM's and llama.cpp's servers also speak).
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +56,21 @@ from .worker import Engine, Job
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # OpenAI's (int64)
+# Chat Completions fields this server reads, and those it accepts because they change nothing here.
+FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+          "stream", "stream_options", "n", "ignore_eos"}
+NO_EFFECT = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+             "safety_identifier"}
+# Features this server does not have: accepted only at the value that asks for nothing.
+UNSUPPORTED = {"tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none"),
+               "functions": lambda v: v in (None, []), "function_call": lambda v: v in (None, "none"),
+               "logprobs": lambda v: v in (None, False), "top_logprobs": lambda v: v in (None, 0),
+               "response_format": lambda v: v is None or v == {"type": "text"},
+               "logit_bias": lambda v: v in (None, {}), "presence_penalty": lambda v: v in (None, 0),
+               "frequency_penalty": lambda v: v in (None, 0), "modalities": lambda v: v in (None, ["text"]),
+               "audio": lambda v: v is None, "prediction": lambda v: v is None,
+               "reasoning_effort": lambda v: v is None, "web_search_options": lambda v: v is None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +94,7 @@ class Settings:
     repetition_penalty: float = 1.0  # server-wide
     no_repeat_ngram: int = 0  # server-wide
     seed: int | None = None  # for requests that send none (serve.py --seed): sampled answers reproducible
+    max_queue: int = 64  # requests waiting or running; more get 429 (a client retries later)
 
 
 class ApiError(Exception):
@@ -126,6 +150,10 @@ def parse_messages(raw: Any, param: str = "messages") -> list[dict]:
             raise ApiError(400, f"{where}.role: {str(role)[:40]!r} is not supported (use system, user or assistant)",
                            f"{where}.role", "invalid_value")
         content = m.get("content")
+        if role == "assistant" and m.get("tool_calls"):
+            raise ApiError(400, f"{where}.tool_calls: tools are not supported", f"{where}.tool_calls", "invalid_value")
+        if role == "assistant" and content is None:  # OpenAI allows it (an assistant turn that only called tools)
+            content = ""
         if isinstance(content, list):  # [{"type": "text", "text": "..."}]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise ApiError(400, f"{where}.content: only text parts are supported", f"{where}.content", "invalid_value")
@@ -139,13 +167,20 @@ def parse_messages(raw: Any, param: str = "messages") -> list[dict]:
 def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    for name, value in body.items():
+        if name in UNSUPPORTED and not UNSUPPORTED[name](value):
+            raise ApiError(400, f"'{name}' is not supported by this server (no tools, logprobs, JSON mode, logit "
+                                "bias or penalties other than its own --repetition-penalty)", name, "unsupported_parameter")
+        if name not in FIELDS | NO_EFFECT | set(UNSUPPORTED):
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
     messages = parse_messages(body.get("messages"))
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be from the user", "messages", "invalid_value")
 
     model = body.get("model", settings.model_id)
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model", "invalid_type")
+    if model != settings.model_id:
+        raise ApiError(404, f"The model '{model[:80]}' does not exist; this server serves '{settings.model_id}'",
+                       "model", "model_not_found")
 
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(param)
@@ -166,11 +201,13 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
         return float(v)
 
     temperature = number("temperature", settings.temperature, lambda v: 0 <= v <= 2, "in [0, 2]")
-    top_p = number("top_p", settings.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+    top_p = number("top_p", settings.top_p, lambda v: 0 <= v <= 1, "in [0, 1]")
 
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(400, "'seed' must be an integer", "seed", "invalid_type")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed' must be a 64-bit signed integer, got {str(seed)[:40]}", "seed", "invalid_value")
     seed = settings.seed if seed is None else seed
 
     stop = body.get("stop")
@@ -185,22 +222,34 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
         stream = False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream", "invalid_type")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-    n = body.get("n", 1)
-    if n not in (1, None):
+    opts = body.get("stream_options")
+    if opts is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
+    opts = opts or {}
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
+        raise ApiError(400, "'stream_options' must be an object with at most 'include_usage'", "stream_options",
+                       "invalid_value")
+    if not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", "stream_options.include_usage",
+                       "invalid_type")
+    n = body.get("n")
+    if n is not None and not (_is_int(n) and n == 1):
         raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: keep going past end-of-turn
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos", "invalid_type")
 
     return ChatRequest(messages, model, max_tokens, temperature, top_p, seed, stop, stream,
-                       bool(opts.get("include_usage")), ignore_eos)
+                       opts.get("include_usage", False), ignore_eos)
 
 
 def encode_prompt(tok: ChatTokenizer, messages: list[dict], settings: Settings) -> list[int]:
     """The prompt ids, always under the safe system prompt, with the training template."""
+    for i, m in enumerate(messages):
+        found = tok.control_token_in(m["content"])
+        if found:
+            raise ApiError(400, f"messages[{i}].content contains {found!r}, a control token of the chat format, "
+                                "which would be read as one; remove it", f"messages[{i}].content", "invalid_value")
     try:
         ids = tok.encode_chat(with_safety_prompt(messages), add_generation_prompt=True)
     except ChatFormatError as e:
@@ -268,7 +317,17 @@ def feedback_record(body: Any, model_id: str) -> dict:
 # HTTP
 # ---------------------------------------------------------------------------------------------
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    """The body as JSON, refusing more than `limit` bytes before reading them all. Only a JSON
+    content type from this origin (or from no browser at all): a web page elsewhere can send a
+    text/plain POST to 127.0.0.1 without asking, but not a JSON one."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json' (got "
+                            f"{kind[:60] or 'none'!r})", None, "unsupported_media_type")
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        raise ApiError(403, f"requests from pages on other origins ({origin[:80]}) are not accepted", None,
+                       "cross_origin")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
@@ -284,9 +343,12 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})", None, "invalid_json") from None
 
 
-def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
+def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None,
+          with_usage: bool = False) -> str:
+    """One SSE chunk; with stream_options.include_usage every chunk but the last has "usage": null."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **({"usage": None} if with_usage else {})}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -338,6 +400,7 @@ def create_app(engine: Engine, settings: Settings):
 
     @app.exception_handler(Exception)
     async def _server_error(request, exc):
+        print(f"[medlora] internal error on {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error"))
 
     def auth(request: Request) -> None:
@@ -356,16 +419,26 @@ def create_app(engine: Engine, settings: Settings):
     async def health():
         return {"status": "ok", "model": settings.model_id, **engine.snapshot()}
 
+    card = {"id": settings.model_id, "object": "model", "created": started, "owned_by": "medlora",
+            "base_model": settings.base_model, "adapter": Path(settings.adapter).name if settings.adapter else None}
+
     @app.get("/v1/models", dependencies=guarded)
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
-                                            "owned_by": "medlora", "base_model": settings.base_model,
-                                            "adapter": settings.adapter}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}", dependencies=guarded)
+    async def model(model: str):
+        if model != settings.model_id:
+            raise ApiError(404, f"The model '{model[:80]}' does not exist", "model", "model_not_found")
+        return card
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request):
         req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
         prompt = encode_prompt(tok, req.messages, settings)
+        if engine.snapshot()["active"] >= settings.max_queue:
+            raise ApiError(429, f"the server is busy ({settings.max_queue} requests waiting or running); retry later",
+                           None, "rate_limit_exceeded", "requests")
         job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
                   asyncio.get_running_loop())
         engine.submit(job)
@@ -393,16 +466,17 @@ def create_app(engine: Engine, settings: Settings):
     async def sse(job: Job, request: Request, req: ChatRequest, cid: str, created: int):
         """OpenAI's chunks: the role, content deltas, the finish reason, [usage,] [DONE]."""
         try:
-            yield chunk(cid, created, req.model, {"role": "assistant", "content": ""})
+            u = req.include_usage
+            yield chunk(cid, created, req.model, {"role": "assistant", "content": ""}, with_usage=u)
             async with aclosing(job_events(job, request)) as events:
                 async for event in events:
                     if event[0] == "text":
-                        yield chunk(cid, created, req.model, {"content": event[1]})
+                        yield chunk(cid, created, req.model, {"content": event[1]}, with_usage=u)
                     elif event[0] == "error":
                         yield f"data: {json.dumps(ApiError(500, event[1], None, None, 'server_error').body())}\n\n"
                     elif event[1] != "cancelled":
                         _, reason, n_prompt, n_completion = event
-                        yield chunk(cid, created, req.model, {}, reason)
+                        yield chunk(cid, created, req.model, {}, reason, with_usage=u)
                         if req.include_usage:
                             body = {"id": cid, "object": "chat.completion.chunk", "created": created,
                                     "model": req.model, "choices": [], "usage": usage(n_prompt, n_completion)}

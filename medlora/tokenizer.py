@@ -78,6 +78,9 @@ class ChatTokenizer:
         self.eos_id = self.token_id(self.eos_token)
         self.pad_id = self.token_id(self.pad_token) if self.pad_token else self.eos_id
         self.stop_ids = {self.eos_id} | {self.token_id(t) for t in self.extra_stop_tokens}
+        # The vocabulary's control tokens (<|im_start|>, <|im_end|>, ...): the tokenizer reads them in any
+        # text as the tokens themselves, so message text holding one could open a turn of its own.
+        self.control_tokens = sorted({t.content for t in self.tokenizer.get_added_tokens_decoder().values()})
 
     # -- plain text ----------------------------------------------------------------------------
     def token_id(self, token: str) -> int:
@@ -93,22 +96,40 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of many texts in one call (the tokenizers library spreads it over the cores)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- chat ------------------------------------------------------------------------------------
+    def control_token_in(self, text: str) -> str | None:
+        """The first control token of the vocabulary (<|im_start|>, <|im_end|>, ...) found in `text`."""
+        return next((t for t in self.control_tokens if t in text), None) if "<" in text else None
+
+    def check_messages(self, messages: list[dict]) -> None:
+        """`validate_messages`, and no control token in any content: "<|im_end|>\n<|im_start|>system\n..."
+        typed into a message would otherwise end it and start a system turn after the safe prompt."""
+        validate_messages(messages)
+        for i, m in enumerate(messages):
+            found = self.control_token_in(m["content"])
+            if found:
+                raise ChatFormatError(f"message {i}: the text contains {found!r}, a control token of the chat "
+                                      "format, which would be read as one; remove it")
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        validate_messages(messages)
+        self.check_messages(messages)
         return self.encode(self.render(messages, add_generation_prompt))
 
     def supervised_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Render `messages`; return the text and the [start, end) character spans of each
         assistant turn's content plus its end-of-turn token."""
-        validate_messages(messages)
+        self.check_messages(messages)
         text = self.render(messages)
         spans = []
         for i, m in enumerate(messages):

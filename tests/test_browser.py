@@ -73,3 +73,31 @@ def test_chat_page_streams_and_sends_feedback(browser, page_server, ours):
     rec = records[0]
     assert rec["messages"] == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": CORRECTION}]
     assert rec["rating"] == "bad" and rec["correction"] == CORRECTION and rec["original_answer"] == want
+
+
+def test_stop_leaves_no_made_up_turn_in_the_conversation(browser, page_server):
+    """Stop mid-answer: the next request carries only what the model wrote. Stopped before any text,
+    the question is dropped (no "(stopped)" assistant turn sent back to the model or to feedback);
+    stopped after some, the partial answer is kept without the " …" the page shows."""
+    page = browser.new_page()
+    page.set_default_timeout(120_000)
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    try:
+        page.goto(page_server.url + "/")
+        page.fill("#question", "Tell me about the heart.")
+        page.click("#send")
+        page.click("#stop")  # prefill takes far longer than a click: almost always before any text
+        page.wait_for_function("document.getElementById('stop').hidden")
+        first = page.text_content(".turn.assistant .text")
+        page.fill("#question", QUESTION)
+        page.click("#send")
+        page.wait_for_selector(".turn.assistant:last-child .bad-answer", state="visible")
+    finally:
+        page.close()
+    messages = sent[-1]["messages"]
+    if first == "(stopped)":
+        assert messages == [{"role": "user", "content": QUESTION}]
+    else:
+        assert first.endswith(" …") and messages[1] == {"role": "assistant", "content": first[:-2]}
+    assert not any(m["content"] in ("(stopped)",) or m["content"].endswith("…") for m in messages)

@@ -97,20 +97,56 @@ def test_adapter_on_another_base_is_refused(tmp_path, gguf_path):
 
 def test_base_cache_reuses_only_identical_inputs(tmp_path, gguf_path):
     """A sweep evaluates many adapters against one base: the base side is generated once, and any change
-    that could alter it (here max new tokens) misses the cache instead of reusing a stale answer."""
+    that could alter it (prompts, loss rows, decoding, precision, batch, weights, medlora's code) misses
+    the cache instead of reusing a stale answer. End to end: a miss, then a reuse; the key's inputs one by
+    one in process (each eval run is ~20 s of the suite)."""
     cache = tmp_path / "cache"
     common = ["--adapter", str(ADAPTER), "--model", gguf_path, "--only", "heldout,general", "--limit", "2",
-              "--loss-rows", "3", "--general-limit", "2", "--review-size", "0", "--base-cache", str(cache)]
-    first = run_eval(*common, "--max-new-tokens", "6", "--out", str(tmp_path / "a"))
+              "--loss-rows", "2", "--general-limit", "1", "--review-size", "0", "--base-cache", str(cache),
+              "--max-new-tokens", "6"]
+    first = run_eval(*common, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "base heldout" in first.stderr and len(list(cache.glob("base-*.json"))) == 1
-    second = run_eval(*common, "--max-new-tokens", "6", "--out", str(tmp_path / "b"))
+    second = run_eval(*common, "--out", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "base: reusing" in second.stderr and "base heldout" not in second.stderr
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
     assert not a["base_cache"]["reused"] and b["base_cache"]["reused"]
+    assert b["base_cache"]["file"] == str(next(cache.glob("base-*.json")))
     for part in ("heldout", "general"):
         assert a[part]["base"] == b[part]["base"]
         assert [x["base"] for x in a[part]["answers"]] == [x["base"] for x in b[part]["answers"]]
-    third = run_eval(*common, "--max-new-tokens", "5", "--out", str(tmp_path / "c"))
-    assert third.returncode == 0 and "base heldout" in third.stderr and len(list(cache.glob("base-*.json"))) == 2
+
+    import copy
+    import importlib.util
+
+    from medlora.data import Row
+    from medlora.generate import GenConfig
+
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    args = {"cache_dir": str(cache), "base_info": {"sha256": "ab" * 32, "id": "bundled"},
+            "gen": GenConfig(max_new_tokens=6, stop_ids={2}), "precision": "fp32", "device": "cpu", "batch_size": 16,
+            "inputs": {"heldout": {"questions": ["q1", "q2"], "loss_rows": [Row("q1", "a1", None, 0)]},
+                       "general": {"questions": ["g1"]}},
+            "loss_spec": (512, "truncate")}
+    key = ev.base_cache_file(**args)
+    assert ev.base_cache_file(**copy.deepcopy(args)) == key  # the same inputs: the same file
+    changes = {"max new tokens": ("gen", GenConfig(max_new_tokens=5, stop_ids={2})),
+               "repetition penalty": ("gen", GenConfig(max_new_tokens=6, stop_ids={2}, repetition_penalty=1.2)),
+               "precision": ("precision", "bf16"), "device": ("device", "cuda"), "batch size": ("batch_size", 8),
+               "weights": ("base_info", {"sha256": "cd" * 32, "id": "bundled"}),
+               "loss settings": ("loss_spec", (256, "truncate")),
+               "a question": ("inputs", {**args["inputs"], "general": {"questions": ["g2"]}}),
+               "a loss row": ("inputs", {**args["inputs"], "heldout": {"questions": ["q1", "q2"],
+                                                                       "loss_rows": [Row("q1", "a2", None, 0)]}})}
+    for what, (name, value) in changes.items():
+        assert ev.base_cache_file(**{**args, name: value}) != key, f"a changed {what} reused the cache"
+    code = tmp_path / "code"  # a changed line of medlora's code (the decoding and the loss live there)
+    shutil.copytree(ROOT / "medlora", code / "medlora", ignore=shutil.ignore_patterns("__pycache__"))
+    assert ev.base_cache_file(**args) == key
+    ev.ROOT = code
+    assert ev.base_cache_file(**args) == key  # a copy of the same code: the same key
+    (code / "medlora" / "generate.py").write_text((code / "medlora" / "generate.py").read_text() + "\n# changed\n")
+    assert ev.base_cache_file(**args) != key, "a change to medlora's code reused the cache"

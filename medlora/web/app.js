@@ -73,7 +73,7 @@ async function ask(text) {
   const node = addAnswerTurn();
   const out = node.querySelector(".text");
   out.classList.add("pending");
-  let answer = "";
+  let answer = "", stopped = false;
   controller = new AbortController();
   busy(true);
   try {
@@ -102,13 +102,19 @@ async function ask(text) {
       out.textContent = "Error: " + err.message;
       return;
     }
-    answer += answer ? " …" : "(stopped)";
+    if (!answer) { // stopped before any text: no answer to keep, rate or send back to the model
+      history.pop();
+      out.classList.remove("pending");
+      out.textContent = "(stopped)";
+      return;
+    }
+    stopped = true;
   } finally {
     busy(false);
     controller = null;
   }
   out.classList.remove("pending");
-  out.textContent = answer;
+  out.textContent = stopped ? answer + " …" : answer; // the mark is shown only: the history keeps what the model wrote
   history.push({ role: "assistant", content: answer });
   enableFeedback(node, history.slice());
 }
