@@ -74,6 +74,13 @@ def parse_args(argv=None):
         p.error("give --adapter (tuned = base + adapter) or --base-model (when --model is already tuned)")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").exists():
         p.error(f"--adapter {args.adapter}: no adapter_config.json there")
+    if args.adapter:  # an adapter medlora cannot apply fails now, not after minutes of the base's answers
+        from medlora.lora import AdapterError, read_adapter
+
+        try:
+            read_adapter(args.adapter)
+        except AdapterError as e:
+            p.error(f"--adapter: {e}")
     if args.adapter and args.base_model and "model" in given:
         p.error("--model is not used with --adapter and --base-model: the tuned model is --base-model + --adapter")
     moot = [f"--{k.replace('_', '-')}" for k in ("only", "limit", "general_limit", "medical_limit", "safety_limit",
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
     from medlora import evaluate as ev
     from medlora.data import Example, build_examples
     from medlora.generate import GenConfig
-    from medlora.lora import adapter_base_mismatch, load_adapter
+    from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter
     from medlora.trainer import evaluate_loss
     from medlora.weights import WeightsError, is_local_model, load_pretrained
 
@@ -267,6 +274,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {e}") from None
 
     model, tok, base_info = load(base_spec)
+    if args.adapter:  # checked before the base's answers, which take minutes
+        problem = adapter_base_mismatch(args.adapter, base_info)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     cache = (base_cache_file(args.base_cache, base_info, gen, precision, device, args.batch_size, inputs,
                              (max_len, policy)) if args.base_cache else None)
     reused = bool(cache and cache.exists())
@@ -281,11 +293,11 @@ def main(argv=None) -> int:
         if cache:
             save_base(cache, base)
     if args.adapter:
-        problem = adapter_base_mismatch(args.adapter, base_info)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
+        try:
+            load_adapter(model, args.adapter, merge=True)
+        except AdapterError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        load_adapter(model, args.adapter, merge=True)
         tuned_info = {"base": base_info, "adapter": str(args.adapter)}
     else:
         del model

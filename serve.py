@@ -39,17 +39,23 @@ def build(args):
             spec = shipped.base_spec(adapter)
         except shipped.ShippedAdapterError as e:
             raise SystemExit(f"error: {e}") from None
+    from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter, read_adapter
+
+    if adapter:
+        try:
+            read_adapter(adapter)  # one medlora cannot apply fails before the model loads
+        except AdapterError as e:
+            raise SystemExit(f"error: --adapter: {e}") from None
     try:
         model, tok, info = load_pretrained(spec, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
     except WeightsError as e:
         raise SystemExit(f"error: {e}") from None
     if adapter:
-        from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter
 
-        problem = shipped.base_problem(adapter, info) if default else adapter_base_mismatch(adapter, info)
-        if problem:
-            raise SystemExit(f"error: {problem}")
         try:
+            problem = shipped.base_problem(adapter, info) if default else adapter_base_mismatch(adapter, info)
+            if problem:
+                raise SystemExit(f"error: {problem}")
             load_adapter(model, adapter, merge=True)
         except AdapterError as e:
             raise SystemExit(f"error: {e}") from None

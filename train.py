@@ -480,10 +480,16 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     if dist.active:
         say(f"[medlora] data parallel: {dist.world_size} processes ({dist.backend}), {tcfg.batch_size} rows each "
             f"per micro-batch, {tcfg.batch_size * tcfg.grad_accum * dist.world_size} rows per optimizer step")
-    extra = {"base_sha256": model_info.get("sha256") if isinstance(model_info.get("sha256"), str) else None,
-             "base_id": model_info["id"]}
+    # The adapter names the weights it was trained on: their sha256 (a GGUF file's, or each safetensors
+    # file's), and for PEFT a base it can load (the hub id of the bundled GGUF's model, not the id that
+    # was asked for and was unreachable), at the revision used.
+    from medlora.hub import base_identity
+
+    extra = {"base_sha256": model_info.get("sha256"), "base_id": model_info["id"],
+             "base_revision": model_info.get("revision")}
+    peft_base = base_identity(model_info).get("hub_id") or model_info.get("path") or model_info["id"]
     try:
-        summary = train(model, ds, tcfg, lora_cfg, run_dir, tok.pad_id, model_info.get("requested", model_info["id"]),
+        summary = train(model, ds, tcfg, lora_cfg, run_dir, tok.pad_id, peft_base,
                         extra, resume=args.resume, device=device, dist=dist)
     except ConfigError as e:  # e.g. --resume with another number of processes
         say(f"error: {e}", file=sys.stderr)

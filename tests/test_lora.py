@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 import math
 
 import pytest
@@ -323,3 +325,66 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_adapter(tiny_model(), tmp_path / "missing")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2
+
+
+def test_adapter_on_other_weights_is_refused_for_folders_too():
+    """The base check compared only GGUF hashes (strings): an adapter applied to an HF folder, such as a
+    merged release that already holds it, ran without a word. Folders are recorded as {file: sha256}."""
+    from medlora.lora import adapter_base_mismatch
+
+    def adapter(tmp, sha):
+        folder = Path(tmp) / "a"
+        model = tiny_model(0)
+        inject_lora(model, LoRAConfig(rank=2))
+        save_adapter(model, folder, LoRAConfig(rank=2), "base", {"base_sha256": sha})
+        return folder
+
+    import tempfile
+
+    gguf, folder = "ab" * 32, {"model.safetensors": "cd" * 32}
+    with tempfile.TemporaryDirectory() as tmp:
+        a = adapter(tmp, gguf)
+        assert adapter_base_mismatch(a, {"id": "merged", "sha256": folder}) is not None  # GGUF-trained, folder loaded
+        assert adapter_base_mismatch(a, {"id": "bundled", "sha256": gguf}) is None
+    with tempfile.TemporaryDirectory() as tmp:
+        a = adapter(tmp, folder)
+        assert adapter_base_mismatch(a, {"id": "same", "sha256": dict(folder)}) is None
+        problem = adapter_base_mismatch(a, {"id": "other", "sha256": {"model.safetensors": "ef" * 32}})
+        assert "model.safetensors: cdcdcdcdcdcd" in problem and "efefefefefef" in problem
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' is not supported"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
+    ({"layers_to_transform": [0, 1]}, "layers_to_transform is not supported"),
+    ({"exclude_modules": ["down_proj"]}, "exclude_modules is not supported"),
+    ({"target_modules": r".*\.layers\.\d+\.self_attn\.q_proj"}, "target_modules '.*"),
+    ({"target_modules": ["lm_head"]}, "entry 'lm_head' names none of medlora's LoRA modules"),
+    ({"r": "eight"}, "not a LoRA config medlora can use"),
+])
+def test_peft_configs_medlora_cannot_apply_are_refused(tmp_path, change, error):
+    """PiSSA/OLoRA/LoftQ rewrite the base weights (the file does not carry them: logits off by 38 in the
+    audit), partial-layer adapters and regex targets would be applied wrongly: each is a clear error."""
+    from medlora.lora import AdapterError, read_adapter
+
+    model = tiny_model(0)
+    inject_lora(model, LoRAConfig(rank=2))
+    save_adapter(model, tmp_path, LoRAConfig(rank=2), "base")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(AdapterError, match=re.escape(error)):
+        read_adapter(tmp_path)
+
+
+def test_peft_target_suffixes_are_read_as_module_names(tmp_path):
+    """PEFT matches target_modules by path suffix: "self_attn.q_proj" and "mlp.down_proj" are valid."""
+    from medlora.lora import read_adapter
+
+    model = tiny_model(0)
+    inject_lora(model, LoRAConfig(rank=2, targets=["q_proj", "down_proj"]))
+    save_adapter(model, tmp_path, LoRAConfig(rank=2, targets=["q_proj", "down_proj"]), "base")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["self_attn.q_proj", "mlp.down_proj"]}))
+    assert read_adapter(tmp_path)[0].targets == ["q_proj", "down_proj"]
+    fresh = tiny_model(0)
+    load_adapter(fresh, tmp_path)  # and the tensors fit the modules they name

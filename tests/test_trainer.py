@@ -132,6 +132,9 @@ def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
     assert [s["step"] for s in steps if s["kind"] == "val"] == [0, 5, 10]  # step 0 = the base model
     cfg, raw, tensors = read_adapter(out / "adapter")
     assert cfg.rank == 8 and len(tensors) == 30 * 7 * 2
+    # PEFT is pointed at the model these weights are (the bundled GGUF's), not at an id that was asked for
+    assert raw["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert raw["medlora"]["base_sha256"] == rec["model"]["sha256"] and raw["revision"] is None
     assert "== summary ==" in r.stdout and "best val loss" in r.stdout
     split = json.loads((out / "split.json").read_text())
     assert split["val_rows"] == 6 and len(split["val_index"]) == 6
