@@ -17,6 +17,7 @@ interrupted by SIGINT or SIGTERM (checkpoint saved, the resume command printed).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -231,7 +232,10 @@ def resolve_default_source(args: argparse.Namespace, kind: str) -> tuple[str | N
     return str(path), None
 
 
-def git_commit() -> dict:
+def git_commit(diff_to: Path | None = None) -> dict:
+    """The checkout's commit; when it has uncommitted changes to tracked files, they are written to
+    `diff_to` (git diff HEAD) with their sha256, so a run from a dirty tree can still be made again
+    (`git apply RUN/git.diff` on that commit). Untracked files are not included."""
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         sha = r.stdout.strip()
@@ -239,7 +243,12 @@ def git_commit() -> dict:
             return {"commit": None, "dirty": None}
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
-        return {"commit": sha, "dirty": dirty}
+        out = {"commit": sha, "dirty": dirty}
+        if dirty and diff_to is not None:
+            diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=ROOT, capture_output=True, timeout=60).stdout
+            diff_to.write_bytes(diff)
+            out.update(diff=diff_to.name, diff_sha256=hashlib.sha256(diff).hexdigest())
+        return out
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -456,6 +465,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     split = ds.info.pop("split")
 
     def write_records() -> None:  # rank 0 only
+        fresh = not args.resume or not (run_dir / "config.json").exists()  # a resume keeps the run's record
         record = {
             "command": (" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None
                         else "train.py " + " ".join(argv)),
@@ -463,14 +473,15 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             "split": {k: v for k, v in split.items() if k != "val_index"} | {"file": "split.json"},
             "lora": asdict(lora_cfg), "train": asdict(tcfg), "max_seq_len": args.max_seq_len,
             "long_rows": args.long_rows,
-            "init_adapter": args.init_adapter, "init_adapter_sha256": init_sha, "parameters": report, "git": git_commit(), "versions": versions(),
+            "init_adapter": args.init_adapter, "init_adapter_sha256": init_sha, "parameters": report,
+            "git": git_commit(run_dir / "git.diff" if fresh else None), "versions": versions(),
             "device": str(device), "sanity": args.sanity,
             "distributed": {"world_size": dist.world_size, "backend": dist.backend,
                             "rows_per_step": tcfg.batch_size * tcfg.grad_accum * dist.world_size},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (run_dir / "split.json").write_text(json.dumps(split))
-        if not args.resume or not (run_dir / "config.json").exists():
+        if fresh:
             (run_dir / "config.json").write_text(json.dumps(record, indent=2))
 
     dist.on_main(write_records)

@@ -59,6 +59,7 @@ class BenchConfig:
     rounds: int = 2  # the headline training pairs (medlora / HF per precision) run this often, alternating
     matmul_tokens: int = 2048
     extras: bool = True  # extra rows: grad checkpointing, HF with bf16 weights, medlora bf16 with fp32 weights
+    quantised: bool = True  # the int8/int4 decoders (CPU); the smoke run leaves them to tests/test_fastpath.py
     before: str | None = None
     threads: int | None = None
     device: str = "cpu"
@@ -69,6 +70,7 @@ def quick_config(cfg: BenchConfig) -> BenchConfig:
     cfg.precisions, cfg.batch_size, cfg.max_len, cfg.rows = ["fp32"], 2, 128, 200
     cfg.warmup, cfg.steps, cfg.new_tokens, cfg.gen_batch_sizes = 0, 1, 4, [1, 2]
     cfg.prefill_len, cfg.repeats, cfg.matmul_tokens, cfg.extras, cfg.rounds = 64, 1, 128, False, 1
+    cfg.quantised = False  # ~8 s of process start each, and their decoding is tested on its own
     return cfg
 
 
@@ -236,7 +238,7 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
     jobs.append(("matmul", "matmul end", dict(jobs[0][2]), ROOT))
     gen = {**base, "new_tokens": cfg.new_tokens, "batch_sizes": cfg.gen_batch_sizes, "repeats": cfg.repeats,
            "threads": cfg.threads, "device": cfg.device}
-    decoders = DECODERS if cpu else DECODERS[:1]  # int8/int4 decoding use CPU kernels
+    decoders = DECODERS if cpu and cfg.quantised else DECODERS[:1]  # int8/int4 decoding use CPU kernels
     impls = [*decoders, "hf"] + (["llamacpp"] if base.get("gguf") and cpu else [])
     for impl in impls:
         jobs.append(("gen", f"gen {impl}", {**gen, "impl": impl}, ROOT))

@@ -353,7 +353,7 @@ def gguf_pre(tok: ChatTokenizer) -> str:
 
 
 def write_gguf(model: Llama, tok: ChatTokenizer, path: str | os.PathLike, ftype: str = "f16",
-               name: str = "medlora") -> dict:
+               name: str = "medlora", license: str | None = "apache-2.0") -> dict:
     """Write a llama.cpp GGUF of `model` (merge LoRA first); returns {file, type, bytes, sha256}.
 
     Norms stay f32 (llama.cpp's convention); a matrix whose rows are not a multiple of the q8_0
@@ -374,7 +374,8 @@ def write_gguf(model: Llama, tok: ChatTokenizer, path: str | os.PathLike, ftype:
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch="llama")
     w.add_name(name)
-    w.add_license("apache-2.0")
+    if license:  # the base model's, when known (general.license is optional)
+        w.add_license(license)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -491,7 +492,8 @@ def write_release(args: argparse.Namespace, adapter_dir: Path, stage: Path, reco
             save_folder(model, tok, stage / "merged", dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
             record["artifacts"].update({f"merged/{p.name}": file_entry(p) for p in sorted((stage / "merged").iterdir())})
         if args.gguf:
-            g = write_gguf(model, tok, stage / "merged.gguf", args.gguf, name=args.name)
+            g = write_gguf(model, tok, stage / "merged.gguf", args.gguf, name=args.name,
+                           license=record["base"].get("license"))
             record["artifacts"]["merged.gguf"] = {k: g[k] for k in ("bytes", "sha256", "type")}
         del model
     record["export_command"] = "python -m medlora.export " + " ".join(args.argv)

@@ -132,7 +132,9 @@ def eval_section(report: dict, max_rows: int = 30) -> str:
 
 
 def _yaml(base: dict) -> str:
-    lines = ["---", f"license: {BASE_LICENSE}"]
+    # The base model's license when it is known (SmolLM's Apache-2.0); otherwise the hub's "other": the
+    # card's text then points at the base model's own card, and the metadata must not claim more.
+    lines = ["---", f"license: {BASE_LICENSE if base.get('license') == BASE_LICENSE else 'other'}"]
     if base.get("hub_id"):
         lines.append(f"base_model: {base['hub_id']}")
     lines += ["datasets:", f"- {DATASET_ID}", "language:", "- en", "library_name: peft",

@@ -461,3 +461,15 @@ def test_re_exporting_the_shipped_adapter_keeps_its_record():
     assert standalone_record(cfg)["model"]["kind"] == "gguf"
     spec, _ = base_spec(standalone_record(cfg)["model"])
     assert sha256_file(spec) == cfg["medlora"]["base_sha256"]  # the bundled GGUF, found by its hash
+
+
+def test_an_unknown_base_claims_no_license(tiny_release):
+    """The card's metadata and the GGUF say Apache-2.0 only for a base known to be under it (SmolLM's);
+    the tiny test base is nobody's, so the card says "other" and points at the base's own card."""
+    from gguf import GGUFReader
+
+    card = (tiny_release["out"] / "README.md").read_text()
+    assert "\nlicense: other\n" in card and "apache" not in card.split("---")[1].lower()
+    assert "see the base model's own card" in card
+    fields = GGUFReader(str(tiny_release["out"] / "merged.gguf")).fields
+    assert "general.license" not in fields

@@ -226,3 +226,31 @@ def test_missing_column_is_a_clear_error(tmp_path, gguf_path):
     f.write_text("question,response\nWhat is x?,It is y.\n")
     r = cli("--data", str(f), "--model", gguf_path, "--out", str(tmp_path / "o"), timeout=300)
     assert r.returncode == 2 and "no column 'Question'" in r.stderr and "qa.csv" in r.stderr
+
+
+def test_a_dirty_checkout_records_its_diff(tmp_path, monkeypatch):
+    """A run from a tree with uncommitted changes records them (git diff HEAD) beside its commit, so
+    `git apply RUN/git.diff` on that commit gives the code that ran; a clean tree writes no diff."""
+    import hashlib
+    import subprocess
+
+    import train as train_cli
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True,
+                                    capture_output=True)
+    git("init", "-q")
+    (repo / "model.py").write_text("x = 1\n")
+    git("add", "model.py")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(train_cli, "ROOT", repo)
+    clean = train_cli.git_commit(tmp_path / "clean.diff")
+    assert clean["dirty"] is False and "diff" not in clean and not (tmp_path / "clean.diff").exists()
+    (repo / "model.py").write_text("x = 2  # the change that ran\n")
+    rec = train_cli.git_commit(tmp_path / "git.diff")
+    diff = (tmp_path / "git.diff").read_bytes()
+    assert rec["dirty"] is True and rec["diff"] == "git.diff" and rec["diff_sha256"] == hashlib.sha256(diff).hexdigest()
+    git("checkout", "-q", "--", "model.py")
+    git("apply", str(tmp_path / "git.diff"))
+    assert (repo / "model.py").read_text() == "x = 2  # the change that ran\n"
