@@ -21,7 +21,8 @@ from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_mode
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, ChatFormatError, with_safety_prompt
 
-HELP = "commands: /reset (new conversation), /system [TEXT] (show or add instructions), /quit"
+HELP = ("commands: /reset (new conversation), /system [TEXT] (show or add instructions), /quit; "
+        "Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt quits")
 
 
 def build(args):
@@ -95,13 +96,21 @@ def conversation(tok, history: list[dict], system_extra: str | None) -> list[dic
     return messages
 
 
-def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout) -> str:
+def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout,
+           interruptible: bool = False) -> str:
+    """Stream the reply to `out`; with `interruptible` (the REPL), Ctrl-C stops the answer, not the program,
+    and what was written so far is the reply."""
     messages = conversation(tok, history, system_extra)
     pieces = []
-    for piece in stream_chat(model, tok, messages, gen):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    try:
+        for piece in stream_chat(model, tok, messages, gen):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        out.write(" …(stopped)" if pieces else "(stopped)")
     out.write("\n")
     out.flush()
     return "".join(pieces)
@@ -149,8 +158,11 @@ def repl(model, tok, gen: GenConfig) -> None:
             print(f"(not sent: {e})")
             continue
         sys.stdout.write("medlora> ")
-        reply = answer(model, tok, history, gen, extra)
-        history.append({"role": "assistant", "content": reply})
+        reply = answer(model, tok, history, gen, extra, interruptible=True)
+        if reply:
+            history.append({"role": "assistant", "content": reply})
+        else:  # stopped before any text: the question leaves the conversation too
+            history.pop()
 
 
 HTTP_GROUP = "HTTP server (--http)"  # its flags other than --http are refused without it (main)

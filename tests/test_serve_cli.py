@@ -88,3 +88,40 @@ def test_quantised_prompt_mode(gguf_path, kind):
     if kind == "int4":
         r = run(["--int8", "--int4", "--prompt", "x"])
         assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+def test_ctrl_c_stops_an_answer_not_the_repl(gguf_path):
+    """Ctrl-C mid-answer ends that answer (what was written stays the reply) and the REPL asks for the
+    next question; at the prompt it quits as before."""
+    import os
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", gguf_path, "--base-only", "--max-new-tokens", "400",
+                             "--no-repeat-ngram", "0"], cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write("Tell me everything about the human heart.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 240
+        while len("".join(out).partition("medlora> ")[2]) < 20:  # some of the answer has streamed
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(out)
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        while "(stopped)" not in "".join(out):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(out)
+            time.sleep(0.1)
+        proc.stdin.write("/quit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    text = "".join(out)
+    assert " …(stopped)\n" in text and "Traceback" not in text and text.rstrip().endswith("you>")
