@@ -121,16 +121,21 @@ def heldout_rows(args, record: dict | None, run_dir: Path | None):
     rows, _ = clean_rows(raw, args.question_col, args.answer_col, source=str(source))
     note = ""
     split_file = run_dir / "split.json" if run_dir else None
+    recorded = (record or {}).get("data", {}).get("sha256", {})
+    if recorded and recorded != info.get("sha256"):  # row positions in other data are other rows
+        raise SystemExit(f"error: {run_dir} was trained on data with sha256 {recorded}, but {source} has "
+                         f"{info.get('sha256')}: its held-out rows, recorded by position, would be other rows "
+                         f"(training rows among them); pass --data with the run's data file")
     if split_file and split_file.exists():
         wanted = set(json.loads(split_file.read_text())["val_index"])
         val = [r for r in rows if r.index in wanted]
-        recorded = (record or {}).get("data", {}).get("sha256", {})
-        if recorded and recorded != info.get("sha256"):
-            note = f"WARNING: data sha256 {info.get('sha256')} differs from the run's {recorded}"
-        note = note or f"the run's recorded split ({len(val)} validation rows, {split_file})"
-    else:
-        _, val = split_rows(rows, 0.1, seed=0)
-        note = "no run split found: a fresh grouped split (seed 0), not the run's"
+        note = f"the run's recorded split ({len(val)} validation rows, {split_file})"
+    else:  # the split as the run's record describes it (a run folder without split.json), else the default
+        split = (record or {}).get("split", {})
+        seed, fraction = split.get("seed", 0), split.get("val_fraction", 0.1)
+        _, val = split_rows(rows, fraction, seed=seed)
+        note = (f"no split.json: the run's grouped split made again (seed {seed}, fraction {fraction:g})" if split
+                else f"no run split found: a fresh grouped split (seed {seed}), not the run's")
     return val, note, info
 
 

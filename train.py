@@ -430,6 +430,11 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         now = {"model": model_info, "data": ds.info, "lora": asdict(lora_cfg), "train": asdict(tcfg),
                "max_seq_len": args.max_seq_len, "long_rows": args.long_rows}  # (the checkpoint replaces --init-adapter's weights)
         changed = resume_changes(was, now)
+        made = (was.get("data") or {}).get("prep_version", 1)  # runs before the field: version 1
+        if made != ds.info.get("prep_version"):
+            changed.append(f"the examples were made by data preparation version {made} (this medlora makes "
+                           f"version {ds.info.get('prep_version')}: truncated answers end elsewhere, see "
+                           f"medlora/data.py PREP_VERSION); resume with the medlora commit the run recorded")
         split_file = run_dir / "split.json"
         if split_file.exists() and json.loads(split_file.read_text()).get("val_index") != ds.info["split"]["val_index"]:
             changed.append("the held-out split (--val-fraction, --limit-rows, --data or --seed: validation rows "

@@ -232,6 +232,18 @@ def question_topic(question: str) -> str:
     return _norm(q)
 
 
+def held_out_keys(rows: list[Row]) -> set[str]:
+    """The keys split_rows groups by (normalised answer, question topic), for checking other data against
+    the held-out rows."""
+    return {"a:" + _norm(r.answer) for r in rows} | {"t:" + question_topic(r.question) for r in rows}
+
+
+def overlaps(messages: list[dict], keys: set[str]) -> bool:
+    """Does a chat share a question topic or an answer with the rows behind `keys`?"""
+    return any(("t:" + question_topic(m["content"]) if m["role"] == "user" else "a:" + _norm(m["content"])) in keys
+               for m in messages if m["role"] in ("user", "assistant"))
+
+
 def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """Group rows that share a normalised answer or question topic; send whole groups to validation."""
     parent = list(range(len(rows)))
@@ -284,9 +296,15 @@ def row_messages(question: str, answer: str | None = None, system_prompt: str = 
     return msgs + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
+# How examples are made from rows; a run resumes only with the version it started with (train.py).
+# 2: truncated answers end at a sentence, line or word boundary (1 cut mid-word when no sentence ended
+# in the answer's second half), and rows holding a chat control token are left out.
+PREP_VERSION = 2
+
+
 def _truncate_answers(tok: ChatTokenizer, rows: list[Row], max_len: int) -> list[str | None]:
     """Shorten each row's answer to fit `max_len` tokens, cutting at a sentence end when one is near;
-    None where the question alone leaves under 16 tokens. Batched: over-long rows are ~40% of MedQuAD
+    None where the system prompt and question leave under 16 tokens. Batched: over-long rows are ~40% of MedQuAD
     at 320 tokens, and tokenising them one at a time was half of data preparation."""
     overheads = tok.encode_many([tok.render(row_messages(r.question, "")) for r in rows])
     answers = tok.encode_many([r.answer for r in rows])
@@ -296,10 +314,19 @@ def _truncate_answers(tok: ChatTokenizer, rows: list[Row], max_len: int) -> list
         if budget < 16:
             out.append(None)
             continue
-        text = tok.decode(ids[:budget])
-        cut = max(text.rfind(". "), text.rfind(".\n"))
-        out.append(text[: cut + 1] if cut > len(text) // 2 else text.rstrip())
+        text = tok.decode(ids[:budget]).rstrip("\ufffd")  # a cut inside a character decodes to U+FFFD
+        out.append(_cut_at_boundary(text))
     return out
+
+
+def _cut_at_boundary(text: str) -> str:
+    """The longest start of `text` that ends a sentence or a line (a list item), if one is in its second
+    half; else one that ends a word: a truncated answer never ends mid-word before <|im_end|>."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)|\n", text)]
+    if ends and ends[-1] > len(text) // 2:
+        return text[:ends[-1]].rstrip()
+    words = text.rstrip().rsplit(None, 1)
+    return words[0].rstrip() if len(words) == 2 and len(words[0]) > len(text) // 2 else text.rstrip()
 
 
 def _has_control_token(tok: ChatTokenizer, row: Row, counts: Counter) -> bool:
@@ -330,7 +357,8 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
             kept = [(i, text) for i, text in zip(long, short) if text is not None]
             redone = dict(zip([i for i, _ in kept], tok.encode_many_for_training(
                 [row_messages(chunk[i].question, text) for i, text in kept])))
-            for reason, n in ((f"question alone longer than {max_len} tokens", len(long) - len(kept)),
+            for reason, n in ((f"system prompt + question leave under 16 of {max_len} tokens for the answer",
+                               len(long) - len(kept)),
                               ("answer truncated", len(kept))):
                 if n:
                     counts[reason] += n
@@ -340,9 +368,11 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
 
 
 def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None,
-                    skipped: Counter | None = None) -> list[Example]:
+                    skipped: Counter | None = None, held_out: set[str] | None = None) -> list[Example]:
     """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first. Rows left
-    out are counted in `skipped` by reason (the caller says so: nothing is dropped silently)."""
+    out are counted in `skipped` by reason (the caller says so: nothing is dropped silently), among them
+    rows that share a question topic or an answer with the held-out rows (`held_out`, held_out_keys):
+    served feedback on a held-out question would otherwise train on the test set."""
     skipped = Counter() if skipped is None else skipped
     from .tokenizer import with_safety_prompt
 
@@ -359,6 +389,9 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
             ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
         except ChatFormatError as e:
             raise DataError(f"{path}: row {n}: field 'messages': {e}") from None
+        if held_out and overlaps(msgs, held_out):
+            skipped["shares a question topic or answer with a held-out row"] += 1
+            continue
         if len(ids) <= max_len:
             out.append(Example(ids, labels, source or Path(path).stem))
         else:
@@ -426,7 +459,7 @@ class Dataset:
 
 
 def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Example], info: dict, tok: ChatTokenizer,
-            max_len: int, seed: int, verbose: bool) -> list[Example]:
+            max_len: int, seed: int, verbose: bool, held_out: set[str] | None = None) -> list[Example]:
     """Mix one default source (safety or replay) into `train`; record what was used in info[kind]."""
     from .weights import sha256_file
 
@@ -434,7 +467,7 @@ def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Examp
         raise DataError(f"{kind} data {path}: no such file (make it with `{MAKERS[kind]} --out {path}`, or train "
                         f"without it: --no-{kind}-data)")
     skipped: Counter = Counter()
-    ex = load_chat_jsonl(path, tok, max_len, source=kind, skipped=skipped)
+    ex = load_chat_jsonl(path, tok, max_len, source=kind, skipped=skipped, held_out=held_out)
     before = len(train)
     train = mix(train, ex, weight, seed)
     rows = len(ex) + sum(skipped.values())  # every row is an example or counted as skipped
@@ -460,6 +493,7 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
     raw, info = load_source(data, revision, verbose)
     rows, counts = clean_rows(raw, question_col, answer_col, source=str(data or DEFAULT_DATA))
     train_rows, val_rows = split_rows(rows, val_fraction, seed)
+    held_out = held_out_keys(val_rows)  # every held-out row, also those a --limit-rows run leaves unused
     if limit_rows:  # after the split, so a small run's validation rows are still held out
         n_val = max(1, round(limit_rows * val_fraction)) if val_fraction > 0 else 0
         train_rows, val_rows = train_rows[: limit_rows - n_val], val_rows[:n_val]
@@ -467,7 +501,7 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
     val = build_examples(val_rows, tok, max_len, long_rows, Counter())
     for path in extra or []:
         skipped: Counter = Counter()
-        ex = load_chat_jsonl(path, tok, max_len, skipped=skipped)
+        ex = load_chat_jsonl(path, tok, max_len, skipped=skipped, held_out=held_out)
         train = mix(train, ex, extra_weight, seed)
         from .weights import sha256_file
 
@@ -478,9 +512,10 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
                                              "examples": len(ex), "weight": extra_weight, "skipped": dict(skipped)})
     for kind, path, weight in (("safety", safety, safety_weight), ("replay", replay, replay_weight)):
         if path is not None:
-            train = _mix_in(kind, path, weight, train, info, tok, max_len, seed, verbose)
+            train = _mix_in(kind, path, weight, train, info, tok, max_len, seed, verbose, held_out)
     info.update(cleaning=dict(counts), split={"seed": seed, "val_fraction": val_fraction,
                                               "train_rows": len(train_rows), "val_rows": len(val_rows),
                                               "val_index": sorted(r.index for r in val_rows)},
+                prep_version=PREP_VERSION,
                 train=length_stats(train), val=length_stats(val))
     return Dataset(train, val, info)

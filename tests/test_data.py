@@ -68,6 +68,30 @@ def test_examples_long_rows_and_system_prompt(ours):
     assert text.startswith(f"<|im_start|>system\n{MEDICAL_SYSTEM_PROMPT}<|im_end|>") and text.rstrip("\n").endswith("count.<|im_end|>")
 
 
+def test_truncated_answers_end_at_a_boundary_never_mid_word_or_mid_character(ours):
+    """--long-rows truncate: cut after a sentence or a line (a list item) in the answer's second half,
+    else after a word, never inside a word or a multi-byte character (which decoded to U+FFFD and became
+    a training target); the turn still ends with a supervised <|im_end|>."""
+    from medlora.data import _cut_at_boundary
+
+    assert _cut_at_boundary("A long first sentence here. Second sentence is lo") == "A long first sentence here."
+    assert _cut_at_boundary("Short. Then a very long clause without any stop that goes on and o") == \
+        "Short. Then a very long clause without any stop that goes on and"
+    assert _cut_at_boundary("Symptoms:\n- Aplasia of the thumb\n- Hypoplasia of the n") == "Symptoms:\n- Aplasia of the thumb"
+    assert _cut_at_boundary("Is it inherited? Yes, in some famil") == "Is it inherited? Yes, in some"
+    _, tok = ours
+    listed = " ".join(["Spondyloepiphyseal dysplasia congenita"] * 200)  # no stop, long words: 1 cut mid-word
+    emoji = "Ünïcödé fièvre 🤒 " * 200  # at 161 tokens, version 1 cut inside the emoji's bytes
+    for answer, max_len in ((listed, 160), (emoji, 161)):
+        rows, _ = clean_rows([{"Question": "What are the signs?", "Answer": answer}])
+        (ex,) = build_examples(rows, tok, max_len, "truncate")
+        supervised = [t for t in ex.labels if t != IGNORE]
+        assert supervised[-1] == tok.eos_id and len(ex.ids) <= max_len
+        body = tok.decode(supervised, skip_special_tokens=True)
+        full = " ".join(answer.split())
+        assert "\ufffd" not in body and full.startswith(body) and full[len(body)] == " ", body[-40:]
+
+
 def test_rows_with_chat_control_tokens_are_left_out_and_counted(ours, tmp_path):
     """A row whose text holds <|im_end|> would be tokenised as the control token itself and teach a turn
     structure the data does not have: MedQuAD-style rows are dropped and counted, chat JSONL rows are an
@@ -126,6 +150,35 @@ def test_bucketed_batches_cover_everything_with_little_padding(ours):
     assert 1 - sum(lengths) / padded < 0.05  # under 5% padding
     assert batches != bucketed_batches(lengths, 8, seed=1)
     assert ds.info["split"]["val_rows"] == 60 and len(ds.val) <= 60
+
+
+def test_extra_data_that_shares_a_held_out_topic_or_answer_is_left_out(ours, tmp_path):
+    """Feedback collected while serving, then mixed in with --extra-data, can hold a held-out question
+    (the same condition, another wording) or a held-out answer: those rows are left out and counted, so
+    the held-out evaluation never scores questions the model was trained on. Others are kept."""
+    from medlora.data import clean_rows, load_source, split_rows
+
+    _, tok = ours
+    rows, _ = clean_rows(load_source(verbose=False)[0])
+    val = split_rows(rows, 0.1, seed=0)[1]
+    held = next(r for r in val if question_topic(r.question) != _norm_q(r.question))  # a templated question
+    topic = question_topic(held.question)
+    chats = [[{"role": "user", "content": f"Could you explain what {topic} is?"}, {"role": "assistant", "content": "No."}],
+             [{"role": "user", "content": f"What causes {topic} ?"}, {"role": "assistant", "content": "Something."}],
+             [{"role": "user", "content": "Tell me more."}, {"role": "assistant", "content": held.answer}],
+             [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]]
+    extra = tmp_path / "feedback.jsonl"
+    extra.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    ds = prepare(tok, limit_rows=200, max_len=1024, extra=[str(extra)], verbose=False, long_rows="truncate")
+    rec = ds.info["extra"][0]
+    assert rec["examples"] == 2 and rec["skipped"] == {"shares a question topic or answer with a held-out row": 2}
+    texts = [tok.decode(e.ids) for e in ds.train if e.source != "medquad"]
+    assert any("capital of France" in t for t in texts) and not any("What causes" in t for t in texts)
+
+
+def _norm_q(q: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9]+", " ", q.lower()).strip()
 
 
 def test_padded_batch_loss_equals_one_by_one():

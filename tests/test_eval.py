@@ -150,3 +150,33 @@ def test_base_cache_reuses_only_identical_inputs(tmp_path, gguf_path):
     assert ev.base_cache_file(**args) == key  # a copy of the same code: the same key
     (code / "medlora" / "generate.py").write_text((code / "medlora" / "generate.py").read_text() + "\n# changed\n")
     assert ev.base_cache_file(**args) != key, "a change to medlora's code reused the cache"
+
+
+def test_heldout_rows_refuse_other_data_and_follow_the_run_split(tmp_path):
+    """The held-out rows are recorded by position in the run's data: other data (here the same rows,
+    shuffled) would pick training rows as 'held out', so it is an error naming both hashes. A run folder
+    without split.json gets its recorded seed and fraction, not the defaults."""
+    import argparse
+
+    import pyarrow.parquet as pq
+    import pytest
+
+    import eval as eval_cli
+    from medlora.data import clean_rows, load_source, split_rows
+
+    run = ROOT / "docs" / "runs" / "gpu-trim-replay"
+    record = json.loads((run / "config.json").read_text())
+    args = argparse.Namespace(data=None, question_col="Question", answer_col="Answer")
+    val, note, _ = eval_cli.heldout_rows(args, record, run)
+    assert "recorded split" in note and len(val) == len(json.loads((run / "split.json").read_text())["val_index"])
+    table = pq.read_table(ROOT / "data" / "medquad" / "medquad.parquet")
+    shuffled = tmp_path / "shuffled.parquet"
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), shuffled)
+    with pytest.raises(SystemExit, match="would be other rows"):
+        eval_cli.heldout_rows(argparse.Namespace(**{**vars(args), "data": str(shuffled)}), record, run)
+    no_split = tmp_path / "run"
+    no_split.mkdir()
+    other = {**record, "split": {**record["split"], "seed": 3, "val_fraction": 0.05}}
+    val, note, _ = eval_cli.heldout_rows(args, other, no_split)
+    rows, _ = clean_rows(load_source(verbose=False)[0])
+    assert [r.index for r in val] == [r.index for r in split_rows(rows, 0.05, seed=3)[1]] and "seed 3" in note

@@ -208,11 +208,18 @@ def test_resume_refuses_settings_that_would_make_another_run(tmp_path, gguf_path
             "--save-every", "1", "--out", str(out), "--model", gguf_path, "--no-safety-data", "--no-replay-data"]
     r = cli(*base, "--max-steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    # One refused resume names every change (one model load, not four).
+    # One refused resume names every change (one model load, not four); the record is made to look like a
+    # run from before data preparation version 2 (its examples were made another way).
+    record = (out / "config.json").read_text()
+    old_run = json.loads(record)
+    del old_run["data"]["prep_version"]
+    (out / "config.json").write_text(json.dumps(old_run))
     r = cli(*base, "--max-steps", "2", "--resume", "--lr", "1e-3", "--alpha", "32", "--val-fraction", "0.2",
             "--max-seq-len", "300", timeout=300)
+    (out / "config.json").write_text(record)
     assert r.returncode == 2 and "--init-adapter" in r.stderr, r.stderr[-2000:]
-    for msg in ("--lr 0.0002 (now 0.001)", "--alpha 16.0 (now 32.0)", "the held-out split", "--max-seq-len 256 (now 300)"):
+    for msg in ("--lr 0.0002 (now 0.001)", "--alpha 16.0 (now 32.0)", "the held-out split", "--max-seq-len 256 (now 300)",
+                "data preparation version 1 (this medlora makes version 2"):
         assert msg in r.stderr, (msg, r.stderr[-2000:])
     r = cli(*base, "--max-steps", "2", "--resume", "--weight-decay", "0.1", timeout=300)  # was silently the old one
     assert r.returncode == 2 and "--weight-decay 0.0 (now 0.1)" in r.stderr, r.stderr[-2000:]
