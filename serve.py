@@ -52,7 +52,6 @@ def build(args):
     except WeightsError as e:
         raise SystemExit(f"error: {e}") from None
     if adapter:
-
         try:
             problem = shipped.base_problem(adapter, info) if default else adapter_base_mismatch(adapter, info)
             if problem:
@@ -97,9 +96,9 @@ def conversation(tok, history: list[dict], system_extra: str | None) -> list[dic
 
 
 def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout,
-           interruptible: bool = False) -> str:
-    """Stream the reply to `out`; with `interruptible` (the REPL), Ctrl-C stops the answer, not the program,
-    and what was written so far is the reply."""
+           interruptible: bool = False) -> str | None:
+    """Stream the reply to `out` and return it; with `interruptible` (the REPL), Ctrl-C stops the answer,
+    not the program: what was written so far is the reply, None if nothing was."""
     messages = conversation(tok, history, system_extra)
     pieces = []
     try:
@@ -110,7 +109,9 @@ def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | 
     except KeyboardInterrupt:
         if not interruptible:
             raise
-        out.write(" …(stopped)" if pieces else "(stopped)")
+        out.write(" …(stopped)\n" if pieces else "(stopped)\n")
+        out.flush()
+        return "".join(pieces) or None
     out.write("\n")
     out.flush()
     return "".join(pieces)
@@ -159,10 +160,10 @@ def repl(model, tok, gen: GenConfig) -> None:
             continue
         sys.stdout.write("medlora> ")
         reply = answer(model, tok, history, gen, extra, interruptible=True)
-        if reply:
-            history.append({"role": "assistant", "content": reply})
-        else:  # stopped before any text: the question leaves the conversation too
+        if reply is None:  # stopped before any text: the question leaves the conversation too
             history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})
 
 
 HTTP_GROUP = "HTTP server (--http)"  # its flags other than --http are refused without it (main)
@@ -179,6 +180,10 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=positive_int, default=2048, help="longest prompt accepted, in tokens")
     g.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for")
     g.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="largest request body accepted")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; bound to loopback only "
+                        "127.0.0.1, localhost and ::1 are, against DNS rebinding; e.g. behind a proxy that passes "
+                        "the original Host)")
     g.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting or running at once; more are answered 429, retry later (default %(default)s)")
     g.add_argument("--max-batch", type=positive_int, default=1,
@@ -187,7 +192,12 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
 
 
 def http(model, tok, info: dict, args) -> int:
-    from medlora.server import Settings, serve
+    from medlora.server import LOOPBACK, Settings, serve
+
+    # Bound to loopback, only this machine's names (and --allowed-host) are answered; bound elsewhere the
+    # names are the network's, checked only when --allowed-host lists them.
+    loopback = args.host in LOOPBACK
+    allowed = (LOOPBACK if loopback else frozenset()) | frozenset(args.allowed_host)
 
     settings = Settings(
         model_id="medlora", base_model=info["id"], adapter=args.adapter, api_key=args.api_key,
@@ -195,7 +205,8 @@ def http(model, tok, info: dict, args) -> int:
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
+        no_repeat_ngram=args.no_repeat_ngram, seed=args.seed,
+        allowed_hosts=allowed if loopback or args.allowed_host else None)
     serve(model, tok, settings, args.host, args.port)
     return 0
 

@@ -386,9 +386,12 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
             validate_messages(msgs)
             if msgs[-1]["role"] != "assistant":
                 raise ChatFormatError("the last message must be the assistant's answer")
-            ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
         except ChatFormatError as e:
             raise DataError(f"{path}: row {n}: field 'messages': {e}") from None
+        if any(tok.control_token_in(m["content"]) for m in msgs):  # as MedQuAD rows holding one (build_examples)
+            skipped["contains a chat control token"] += 1
+            continue
+        ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
         if held_out and overlaps(msgs, held_out):
             skipped["shares a question topic or answer with a held-out row"] += 1
             continue

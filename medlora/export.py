@@ -353,7 +353,7 @@ def gguf_pre(tok: ChatTokenizer) -> str:
 
 
 def write_gguf(model: Llama, tok: ChatTokenizer, path: str | os.PathLike, ftype: str = "f16",
-               name: str = "medlora", license: str | None = "apache-2.0") -> dict:
+               name: str = "medlora", license: str | None = None) -> dict:
     """Write a llama.cpp GGUF of `model` (merge LoRA first); returns {file, type, bytes, sha256}.
 
     Norms stay f32 (llama.cpp's convention); a matrix whose rows are not a multiple of the q8_0
@@ -447,17 +447,28 @@ def write_gguf(model: Llama, tok: ChatTokenizer, path: str | os.PathLike, ftype:
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
-def clear_previous(out: Path, flat: bool = False) -> None:
-    """Remove what an earlier export left (a stale merged.gguf would otherwise be uploaded)."""
-    for name in MANAGED + (FLAT_MANAGED if flat else ()):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    others = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if others:
-        print(f"[medlora] note: {out} also holds {others}; a push uploads them too", file=sys.stderr)
+STAGE, STAGE_OLD = ".export-new", ".export-old"  # working folders inside --out, gone when an export ends
+
+
+def swap_in(stage: Path, out: Path, old: Path, managed: tuple[str, ...]) -> None:
+    """Replace what an earlier export left in `out` (a stale merged.gguf would otherwise be uploaded) by
+    the new files in `stage`. On any failure the entries already moved are put back where they were."""
+    old.mkdir()
+    aside, placed = [], []
+    try:
+        for name in managed:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, old / name)
+                aside.append(name)
+        for p in sorted(stage.iterdir()):
+            os.replace(p, out / p.name)
+            placed.append(p.name)
+    except BaseException:
+        for name in placed:
+            os.replace(out / name, stage / name)
+        for name in aside:
+            os.replace(old / name, out / name)
+        raise
 
 
 def check_out_dir(adapter_dir: Path, out: Path, run: str | None) -> None:
@@ -518,20 +529,24 @@ def export(args: argparse.Namespace) -> dict:
             require_token(args.push_to_hub)
     record = assemble_record(adapter_dir, args.run, args.eval_report)
     flat = getattr(args, "flat", False)
-    # Everything is written into a staging folder beside --out and moved in at the end: a failure (a full
-    # disk, a base that will not load, Ctrl-C) leaves the previous release as it was, not half replaced.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.export-tmp"
-    shutil.rmtree(stage, ignore_errors=True)
+    # Everything is written into a staging folder inside --out (the same file system, so every move is a
+    # rename), then swapped in: the previous release's entries are moved aside and put back if anything
+    # fails, so a full disk, a base that will not load or Ctrl-C leaves the last release as it was.
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stage, old = out / STAGE, out / STAGE_OLD
+    for d in (stage, old):
+        shutil.rmtree(d, ignore_errors=True)
     stage.mkdir()
     try:
         write_release(args, adapter_dir, stage, record, flat)
-        out.mkdir(exist_ok=True)
-        clear_previous(out, flat)
-        for p in sorted(stage.iterdir()):
-            os.replace(p, out / p.name)
+        swap_in(stage, out, old, MANAGED + (FLAT_MANAGED if flat else ()))
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        for d in (stage, old):
+            shutil.rmtree(d, ignore_errors=True)
+    others = sorted(p.name for p in out.iterdir() if p.name not in MANAGED + FLAT_MANAGED)
+    if others:
+        print(f"[medlora] note: {out} also holds {others}; a push uploads them too", file=sys.stderr)
     if args.push_to_hub:
         push_folder(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
     return record
@@ -573,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder we may not write: --out keeps the previous release
-        print(f"error: writing the release failed, {args.out} is unchanged: {e}", file=sys.stderr)
+        print(f"error: writing the release failed, {args.out} keeps the previous one: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     print(f"[medlora] wrote {out}/: " + ", ".join(n for n in MANAGED + FLAT_MANAGED if (out / n).exists()))

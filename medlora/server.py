@@ -20,9 +20,10 @@ request that arrives mid-batch waits for it). A request that asks for one of the
 field OpenAI does not define, gets a 400 naming it, as OpenAI answers unknown fields: a silently
 ignored setting would be a wrong answer.
 
-Browsers: POST bodies must be `Content-Type: application/json` and a request from a page on another
-origin is refused, so a web page the user visits cannot make the server write training examples
-into its feedback log (a text/plain POST needs no CORS preflight; a JSON one does, and there is none).
+Browsers: POST bodies must be `Content-Type: application/json`, so a web page the user visits cannot
+make the server write training examples into its feedback log (a text/plain POST needs no CORS
+preflight; a JSON one does, and there is none); and bound to loopback, the server answers only Host
+names of this machine (127.0.0.1, localhost, ::1, plus --allowed-host), against DNS rebinding.
 
 Mirrors OpenAI's Chat Completions API (the request and SSE stream shapes the `openai` client
 expects, which vLLM's and llama.cpp's servers also speak).
@@ -56,6 +57,7 @@ from .worker import Engine, Job
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # OpenAI's (int64)
 # Chat Completions fields this server reads, and those it accepts because they change nothing here.
 FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
@@ -70,7 +72,8 @@ UNSUPPORTED = {"tools": lambda v: v in (None, []), "tool_choice": lambda v: v in
                "logit_bias": lambda v: v in (None, {}), "presence_penalty": lambda v: v in (None, 0),
                "frequency_penalty": lambda v: v in (None, 0), "modalities": lambda v: v in (None, ["text"]),
                "audio": lambda v: v is None, "prediction": lambda v: v is None,
-               "reasoning_effort": lambda v: v is None, "web_search_options": lambda v: v is None}
+               "reasoning_effort": lambda v: v is None, "web_search_options": lambda v: v is None,
+               "verbosity": lambda v: v in (None, "medium")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ class Settings:
     no_repeat_ngram: int = 0  # server-wide
     seed: int | None = None  # for requests that send none (serve.py --seed): sampled answers reproducible
     max_queue: int = 64  # requests waiting or running; more get 429 (a client retries later)
+    allowed_hosts: frozenset[str] | None = LOOPBACK  # Host header names accepted (None: any; serve.py)
 
 
 class ApiError(Exception):
@@ -226,12 +230,12 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
     if opts is not None and not stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
     opts = opts or {}
-    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
-        raise ApiError(400, "'stream_options' must be an object with at most 'include_usage'", "stream_options",
+    if not isinstance(opts, dict) or set(opts) - {"include_usage", "include_obfuscation"}:
+        raise ApiError(400, "'stream_options' takes 'include_usage' and 'include_obfuscation'", "stream_options",
                        "invalid_value")
-    if not isinstance(opts.get("include_usage", False), bool):
-        raise ApiError(400, "'stream_options.include_usage' must be true or false", "stream_options.include_usage",
-                       "invalid_type")
+    for key in opts:  # include_obfuscation: OpenAI's padding against length side channels; none is sent here
+        if not isinstance(opts[key], bool):
+            raise ApiError(400, f"'stream_options.{key}' must be true or false", f"stream_options.{key}", "invalid_type")
     n = body.get("n")
     if n is not None and not (_is_int(n) and n == 1):
         raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
@@ -243,13 +247,19 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
                        opts.get("include_usage", False), ignore_eos)
 
 
-def encode_prompt(tok: ChatTokenizer, messages: list[dict], settings: Settings) -> list[int]:
-    """The prompt ids, always under the safe system prompt, with the training template."""
+def check_control_tokens(tok: ChatTokenizer, messages: list[dict]) -> None:
+    """400 for message text holding a special token of the tokenizer (<|im_end|>, <|im_start|>, ...): it
+    would be read as the token itself, ending the message and opening a turn of its own."""
     for i, m in enumerate(messages):
         found = tok.control_token_in(m["content"])
         if found:
-            raise ApiError(400, f"messages[{i}].content contains {found!r}, a control token of the chat format, "
-                                "which would be read as one; remove it", f"messages[{i}].content", "invalid_value")
+            raise ApiError(400, f"messages[{i}].content contains {found!r}, a special token of the tokenizer, "
+                                "which would be read as that token; remove it", f"messages[{i}].content", "invalid_value")
+
+
+def encode_prompt(tok: ChatTokenizer, messages: list[dict], settings: Settings) -> list[int]:
+    """The prompt ids, always under the safe system prompt, with the training template."""
+    check_control_tokens(tok, messages)
     try:
         ids = tok.encode_chat(with_safety_prompt(messages), add_generation_prompt=True)
     except ChatFormatError as e:
@@ -317,17 +327,13 @@ def feedback_record(body: Any, model_id: str) -> dict:
 # HTTP
 # ---------------------------------------------------------------------------------------------
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes before reading them all. Only a JSON
-    content type from this origin (or from no browser at all): a web page elsewhere can send a
-    text/plain POST to 127.0.0.1 without asking, but not a JSON one."""
+    """The body as JSON, refusing more than `limit` bytes before reading them all. Only a JSON content
+    type: a web page elsewhere can send a text/plain POST to 127.0.0.1 without asking, but a JSON one
+    needs a CORS preflight, which this server never grants."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json' (got "
                             f"{kind[:60] or 'none'!r})", None, "unsupported_media_type")
-    origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
-        raise ApiError(403, f"requests from pages on other origins ({origin[:80]}) are not accepted", None,
-                       "cross_origin")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
@@ -404,6 +410,12 @@ def create_app(engine: Engine, settings: Settings):
         return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error"))
 
     def auth(request: Request) -> None:
+        # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 is same-origin to the
+        # browser, so nothing stops its requests but the Host header it must send (evil.example).
+        host = urlsplit("//" + request.headers.get("host", "")).hostname
+        if settings.allowed_hosts is not None and host not in settings.allowed_hosts:
+            raise ApiError(403, f"Host {str(host)[:80]!r} is not served here (serve.py --allowed-host NAME adds a "
+                                "name, e.g. behind a proxy that passes the original Host)", None, "host_not_allowed")
         if not settings.api_key:
             return
         header = request.headers.get("authorization", "")
@@ -488,6 +500,7 @@ def create_app(engine: Engine, settings: Settings):
     @app.post("/v1/feedback", dependencies=guarded)
     async def post_feedback(request: Request):
         record = feedback_record(await read_json(request, settings.max_body_bytes), settings.model_id)
+        check_control_tokens(tok, record["messages"])  # a training example: its text must be plain text
         await asyncio.to_thread(feedback.append, record)
         return {"status": "saved", "object": "feedback"}
 

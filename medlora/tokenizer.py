@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class ChatTokenizer:
         # The vocabulary's control tokens (<|im_start|>, <|im_end|>, ...): the tokenizer reads them in any
         # text as the tokens themselves, so message text holding one could open a turn of its own.
         self.control_tokens = sorted({t.content for t in self.tokenizer.get_added_tokens_decoder().values()})
+        self._control_re = re.compile("|".join(map(re.escape, self.control_tokens))) if self.control_tokens else None
 
     # -- plain text ----------------------------------------------------------------------------
     def token_id(self, token: str) -> int:
@@ -105,8 +107,9 @@ class ChatTokenizer:
 
     # -- chat ------------------------------------------------------------------------------------
     def control_token_in(self, text: str) -> str | None:
-        """The first control token of the vocabulary (<|im_start|>, <|im_end|>, ...) found in `text`."""
-        return next((t for t in self.control_tokens if t in text), None) if "<" in text else None
+        """The first special token of the vocabulary (<|im_start|>, <|im_end|>, ...) found in `text`."""
+        m = self._control_re.search(text) if self._control_re else None
+        return m.group(0) if m else None
 
     def check_messages(self, messages: list[dict]) -> None:
         """`validate_messages`, and no control token in any content: "<|im_end|>\n<|im_start|>system\n..."
@@ -115,8 +118,8 @@ class ChatTokenizer:
         for i, m in enumerate(messages):
             found = self.control_token_in(m["content"])
             if found:
-                raise ChatFormatError(f"message {i}: the text contains {found!r}, a control token of the chat "
-                                      "format, which would be read as one; remove it")
+                raise ChatFormatError(f"message {i}: the text contains {found!r}, a special token of the "
+                                      "tokenizer, which would be read as that token; remove it")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,

@@ -95,10 +95,15 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
 # ---------------------------------------------------------------------------------------------
 # Source 1: a local HF folder
 # ---------------------------------------------------------------------------------------------
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def safetensors_files(folder: Path) -> list[str]:
+    """The weight files a folder's model is read from: its index's shards, else every *.safetensors."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
         [p.name for p in sorted(folder.glob("*.safetensors"))]
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = safetensors_files(folder)
     if not files:
         raise WeightsError(f"{folder}: no *.safetensors files")
     state = {}
@@ -303,18 +308,24 @@ def load_pretrained(spec: str | None = None, revision: str | None = None, dtype=
         info["sha256"] = digest
     else:
         model, tok = load_folder(info["path"], dtype)
-        info["sha256"] = {p.name: sha256_file(p) for p in sorted(Path(info["path"]).glob("*.safetensors"))}
+        info["sha256"] = {name: sha256_file(Path(info["path"]) / name) for name in safetensors_files(Path(info["path"]))}
     if verbose:
         print(f"[medlora] model: {info['id']} ({info['kind']}, {model.num_parameters() / 1e6:.1f}M params)", file=sys.stderr)
     return model.to(device), tok, info
 
 
+_UMASK = os.umask(0)  # read once, at import (setting it is the only way to read it: not from threads later)
+os.umask(_UMASK)
+
+
 def readable_by_all(path: str | os.PathLike) -> None:
     """Give a file the mode the umask allows (safetensors writes 0600 whatever the umask, so a release
-    folder on a shared machine would be unreadable to everyone else)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    folder on a shared machine would be unreadable to everyone else). Best effort: a file system
+    without Unix modes (vfat, some network mounts) keeps what it has."""
+    try:
+        os.chmod(path, 0o666 & ~_UMASK)
+    except OSError:
+        pass
 
 
 def save_folder(model: Llama, tok: ChatTokenizer, folder: str | os.PathLike, dtype=None) -> None:

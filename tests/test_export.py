@@ -416,10 +416,40 @@ def test_a_failed_export_leaves_the_previous_release_as_it_was(tiny_release, tmp
 
     monkeypatch.setattr(ChatTokenizer, "save", full_disk)
     rc, _, err = run_main([tiny_release["run"] / "best_adapter", "--out", out, "--merge"])
-    assert rc == 2 and "No space left on device" in err and f"{out} is unchanged" in err
+    assert rc == 2 and "No space left on device" in err and f"{out} keeps the previous one" in err
     after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert [p.name for p in tmp_path.iterdir()] == ["release"]  # the staging folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["release"] and not list(out.glob(".export-*"))  # no staging left
+
+
+def test_a_failure_while_swapping_the_release_in_puts_the_old_one_back(tiny_release, tmp_path, monkeypatch):
+    """The last step moves the old entries aside and the new ones in; a failure there (here the second
+    new entry's move) puts every entry back, so the release is the previous one, whole. A symlinked --out is written
+    through (its target's file system holds the staging folder, so each move is a rename)."""
+    import os
+
+    real = tmp_path / "disk" / "release"
+    shutil.copytree(tiny_release["out"], real)
+    out = tmp_path / "release"
+    out.symlink_to(real, target_is_directory=True)
+    before = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    calls, replace = [], os.replace
+
+    def flaky(src, dst):  # the second new entry's move fails, after the old ones went aside
+        calls.append(src)
+        if ".export-new" in str(src) and sum(".export-new" in str(c) for c in calls) == 2:
+            raise OSError(5, "Input/output error")
+        return replace(src, dst)
+
+    import medlora.export as E
+    monkeypatch.setattr(E.os, "replace", flaky)
+    rc, _, err = run_main([tiny_release["run"] / "best_adapter", "--out", out])
+    assert rc == 2 and "Input/output error" in err, err
+    monkeypatch.setattr(E.os, "replace", replace)
+    after = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    assert after == before and out.is_symlink()
+    rc, _, err = run_main([tiny_release["run"] / "best_adapter", "--out", out])  # and a clean export goes through
+    assert rc == 0 and (real / "adapter" / "adapter_config.json").exists() and not (real / "merged").exists()
 
 
 def test_written_weights_are_readable_as_the_umask_allows(tiny_release):

@@ -251,13 +251,18 @@ def test_a_dirty_checkout_records_its_diff(tmp_path, monkeypatch):
     (repo / "model.py").write_text("x = 1\n")
     git("add", "model.py")
     git("commit", "-qm", "first")
+    git("config", "diff.noprefix", "true")  # user settings that would make a patch git apply refuses
+    git("config", "color.ui", "always")
     monkeypatch.setattr(train_cli, "ROOT", repo)
-    clean = train_cli.git_commit(tmp_path / "clean.diff")
-    assert clean["dirty"] is False and "diff" not in clean and not (tmp_path / "clean.diff").exists()
     (repo / "model.py").write_text("x = 2  # the change that ran\n")
+    (repo / "notes.py").write_text("untracked\n")
     rec = train_cli.git_commit(tmp_path / "git.diff")
     diff = (tmp_path / "git.diff").read_bytes()
     assert rec["dirty"] is True and rec["diff"] == "git.diff" and rec["diff_sha256"] == hashlib.sha256(diff).hexdigest()
+    assert rec["untracked"] == ["notes.py"]
     git("checkout", "-q", "--", "model.py")
     git("apply", str(tmp_path / "git.diff"))
     assert (repo / "model.py").read_text() == "x = 2  # the change that ran\n"
+    git("checkout", "-q", "--", "model.py")  # clean again: no diff, and the earlier run's is not left behind
+    clean = train_cli.git_commit(tmp_path / "git.diff")
+    assert clean["dirty"] is False and "diff" not in clean and not (tmp_path / "git.diff").exists()
