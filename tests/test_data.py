@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_model
 
 from medlora.data import (DataError, Example, build_examples, bucketed_batches, clean_rows, collate, load_chat_jsonl,
-                          load_source, prepare, question_topic, split_rows)
+                          load_source, prepare, question_topic, split_rows, topic_key)
 from medlora.tokenizer import IGNORE, MEDICAL_SYSTEM_PROMPT
 from medlora.trainer import batch_loss, head_loss
 
@@ -41,6 +41,20 @@ def test_question_topics():
     assert question_topic("Who is at risk for Lymphocytic Choriomeningitis (LCM)? ?") == "lymphocytic choriomeningitis lcm"
 
 
+def test_topic_key_folds_spelling_variants_of_one_condition():
+    """Variants the split once kept apart, so ~3% of held-out rows shared a condition with training rows
+    (found by an audit on the real file: each pair below was split across the two sides)."""
+    same = [("What is Glycogen storage disease type 4 ?", "What causes Glycogen storage disease type IV ?"),
+            ("What are the symptoms of Whipple's Disease ?", "What is Whipple Disease ?"),
+            ("What is (are) Dystonia ?", "What are the treatments for Dystonias ?"),
+            ("What causes Crohn's Disease ?", "What causes What I need to know about Crohn's Disease ?"),
+            ("What is Brain Stem Glioma ?", "What are the treatments for Brainstem Glioma ?"),
+            ("How can botulism be treated?", "What is botulism?")]
+    for a, b in same:
+        assert topic_key(a) == topic_key(b), (a, b, topic_key(a), topic_key(b))
+    assert topic_key("What is Diabetes Type 1 ?") != topic_key("What is Diabetes Type 2 ?")
+
+
 def test_split_on_real_medquad_has_zero_overlap():
     raw, info = load_source(verbose=False)
     assert info["rows"] == 16407 and info["sha256"]["medquad.parquet"].startswith("4064909f")
@@ -48,7 +62,8 @@ def test_split_on_real_medquad_has_zero_overlap():
     train, val = split_rows(rows, 0.1, seed=0)
     assert len(train) + len(val) == len(rows)
     assert 0.09 <= len(val) / len(rows) <= 0.11
-    for key in (lambda r: norm(r.answer), lambda r: question_topic(r.question), lambda r: norm(r.question)):
+    for key in (lambda r: norm(r.answer), lambda r: question_topic(r.question), lambda r: norm(r.question),
+                lambda r: topic_key(r.question)):
         assert not ({key(r) for r in train} & {key(r) for r in val})
     again = split_rows(rows, 0.1, seed=0)[1]
     assert [r.index for r in again] == [r.index for r in val]  # deterministic
