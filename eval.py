@@ -263,6 +263,9 @@ def main(argv=None) -> int:
                                                   progress=f"{label} {part}")}
             if part == "heldout":
                 exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len, long_rows=policy)
+                if not exs:  # a loss over no tokens would read 0.0, perplexity 1.0: a perfect score from nothing
+                    raise SystemExit(f"error: none of the {len(inp['loss_rows'])} held-out loss rows fits {max_len} "
+                                     f"tokens with longer rows {policy} (the run's --max-seq-len and --long-rows)")
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
                 res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
                                  loss_rows=f"{len(exs)} of {len(inp['loss_rows'])} rows, at most {max_len} tokens, "

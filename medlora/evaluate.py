@@ -54,7 +54,9 @@ def token_f1(pred: str, ref: str) -> float:
     """SQuAD-style bag-of-words F1 (lowercased, punctuation and articles removed)."""
     p, r = _words(pred), _words(ref)
     common = sum((Counter(p) & Counter(r)).values())
-    if not p or not r or not common:
+    if not p or not r:  # SQuAD: two empty answers agree ("the" against "the": only an article each)
+        return float(p == r)
+    if not common:
         return 0.0
     prec, rec = common / len(p), common / len(r)
     return 2 * prec * rec / (prec + rec)
@@ -89,6 +91,8 @@ def mean(xs) -> float | None:
 
 def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
     """95% interval of mean(b - a) by resampling items (the pairs stay together)."""
+    if len(a) != len(b):  # zip would drop the extra items and report a smaller n
+        raise ValueError(f"paired_bootstrap: {len(a)} and {len(b)} scores are not pairs")
     rng = random.Random(seed)
     d = [y - x for x, y in zip(a, b)]
     if not d:
@@ -157,7 +161,8 @@ def contains_answer(text: str, accept: list[str] | str) -> bool:
     """Does `text` contain one of the accepted answers as a whole word (case-insensitive)?
 
     Whole words: "7" is not in "117", "27 - 20 = 10", "0.7" or "7,000" (a plain substring test
-    counted them all); a word answer may take a plural ("whale" in "whales"). Empty answers never match.
+    counted them all), but "15" is in "$15.00"; a word answer may take a plural ("whale" in "whales").
+    Empty answers never match.
     """
     low = text.lower()
     for a in [accept] if isinstance(accept, str) else accept:
@@ -166,8 +171,8 @@ def contains_answer(text: str, accept: list[str] | str) -> bool:
             continue
         left = r"(?<!\w)" if a[0].isalnum() else ""  # a boundary only where the answer starts/ends in a word
         left += r"(?<!\d[.,])" if a[0].isdigit() else ""  # not the tail of 0.7 or 1,7
-        right = (r"(?![.,]?\d)(?!\w)" if a[-1].isdigit() else r"(?:e?s)?(?!\w)" if a[-1].isalpha()
-                 else "")  # not the head of 7.5 or 7,000; plurals for words
+        right = (r"(?:\.0+)?(?![.,]?\d)(?!\w)" if a[-1].isdigit() else r"(?:e?s)?(?!\w)" if a[-1].isalpha()
+                 else "")  # not the head of 7.5 or 7,000 ("$15.00" is 15); plurals for words
         if re.search(left + re.escape(a) + right, low):
             return True
     return False

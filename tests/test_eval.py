@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 from medlora.evaluate import (contains_answer, distinct_2, has_repeated_ngram, medical_talk, paired_bootstrap, rouge,
@@ -28,6 +30,10 @@ def test_text_metrics():
     assert not contains_answer("27 - 20 = 10", ["7"]) and not contains_answer("129,117,127", ["7"])
     assert contains_answer("def is_even(n):", ["def "]) and contains_answer("Use O(n log n).", ["o(n log n)"])
     assert not any(contains_answer(t, ["7"]) for t in ("0.7", "7.5", "7,000", "1,7"))
+    assert contains_answer("The sale price is $15.00.", ["15"]) and not contains_answer("It is 15.05.", ["15"])
+    assert token_f1("the", "the") == 1.0 and token_f1("the", "a cat") == 0.0
+    with pytest.raises(ValueError, match="not pairs"):
+        paired_bootstrap([0.1, 0.2], [0.3])
     assert contains_answer("It is 7, I think.", "7") and contains_answer("Blue whales.", ["whale"])
     assert not contains_answer("anything", ["", " "]) and not contains_answer("Parisian", ["paris"])
     noisy = paired_bootstrap([0.1, 0.5, 0.2, 0.4] * 5, [0.2, 0.4, 0.3, 0.3] * 5)
