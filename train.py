@@ -244,18 +244,19 @@ def git_commit(diff_to: Path | None = None) -> dict:
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
         out = {"commit": sha, "dirty": dirty}
-        if diff_to is not None:
-            diff_to.unlink(missing_ok=True)  # a clean tree's run leaves no stale diff of an earlier run here
-        if dirty and diff_to is not None:  # a patch `git apply` takes whatever the user's git config says
+        if diff_to is None:
+            return out
+        diff_to.unlink(missing_ok=True)  # a clean tree's run leaves no stale diff of an earlier run here
+        if dirty:  # a patch `git apply` takes whatever the user's git config says
             diff = subprocess.run(["git", "-c", "diff.noprefix=false", "diff", "--no-color", "--no-ext-diff",
                                    "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/", "--binary", "HEAD"],
                                   cwd=ROOT, capture_output=True, timeout=60).stdout
             diff_to.write_bytes(diff)
             out.update(diff=diff_to.name, diff_sha256=hashlib.sha256(diff).hexdigest())
-        if diff_to is not None:  # not in the diff: named, so a reader knows the diff may not be the whole story
-            untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
-                                       capture_output=True, text=True, timeout=30).stdout.split()
-            out["untracked"] = untracked[:50] + ([f"... {len(untracked) - 50} more"] if len(untracked) > 50 else [])
+        # Not in the diff: named, so a reader knows the diff may not be the whole story.
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=30).stdout.split()
+        out["untracked"] = untracked[:50] + ([f"... {len(untracked) - 50} more"] if len(untracked) > 50 else [])
         return out
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

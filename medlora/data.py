@@ -315,8 +315,8 @@ PREP_VERSION = 2
 
 
 def _truncate_answers(tok: ChatTokenizer, rows: list[Row], max_len: int) -> list[str | None]:
-    """Shorten each row's answer to fit `max_len` tokens, cutting at a sentence end when one is near;
-    None where the system prompt and question leave under 16 tokens. Batched: over-long rows are ~40% of MedQuAD
+    """Shorten each row's answer to fit `max_len` tokens, cut at a boundary (_cut_at_boundary); None
+    where the system prompt and question leave under 16 tokens. Batched: over-long rows are ~40% of MedQuAD
     at 320 tokens, and tokenising them one at a time was half of data preparation."""
     overheads = tok.encode_many([tok.render(row_messages(r.question, "")) for r in rows])
     answers = tok.encode_many([r.answer for r in rows])
@@ -344,12 +344,10 @@ def _cut_at_boundary(text: str) -> str:
 def _has_control_token(tok: ChatTokenizer, row: Row, counts: Counter) -> bool:
     """A row whose text holds a chat control token (<|im_end|>...) is left out and counted: it would
     be read as the token itself and break the turn structure the model learns."""
-    try:
-        tok.check_messages(row_messages(row.question, row.answer))
-        return False
-    except ChatFormatError:
+    found = any(tok.control_token_in(text) for text in (row.question, row.answer))
+    if found:
         counts["contains a chat control token"] += 1
-        return True
+    return found
 
 
 def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows: str = "drop",
@@ -374,8 +372,8 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
                               ("answer truncated", len(kept))):
                 if n:
                     counts[reason] += n
-        long = set(long)
-        out += [Example(*redone.get(i, enc)) for i, enc in enumerate(encoded) if i not in long or i in redone]
+        dropped = set(long) - set(redone)
+        out += [Example(*redone.get(i, enc)) for i, enc in enumerate(encoded) if i not in dropped]
     return out
 
 
@@ -403,10 +401,10 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
         if any(tok.control_token_in(m["content"]) for m in msgs):  # as MedQuAD rows holding one (build_examples)
             skipped["contains a chat control token"] += 1
             continue
-        ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
         if held_out and overlaps(msgs, held_out):
             skipped["shares a question topic or answer with a held-out row"] += 1
             continue
+        ids, labels = tok.encode_for_training(with_safety_prompt(msgs))
         if len(ids) <= max_len:
             out.append(Example(ids, labels, source or Path(path).stem))
         else:

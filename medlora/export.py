@@ -524,11 +524,10 @@ def export(args: argparse.Namespace) -> dict:
     adapter_dir, out = Path(args.adapter), Path(args.out)
     check_out_dir(adapter_dir, out, args.run)
     if args.push_to_hub:  # fail before minutes of work, and before any network call
-        check_repo_id(args.push_to_hub)
-        if not args.dry_run:
-            require_token(args.push_to_hub)
+        (check_repo_id if args.dry_run else require_token)(args.push_to_hub)  # (require_token checks the id too)
     record = assemble_record(adapter_dir, args.run, args.eval_report)
     flat = getattr(args, "flat", False)
+    managed = MANAGED + (FLAT_MANAGED if flat else ())
     # Everything is written into a staging folder inside --out (the same file system, so every move is a
     # rename), then swapped in: the previous release's entries are moved aside and put back if anything
     # fails, so a full disk, a base that will not load or Ctrl-C leaves the last release as it was.
@@ -540,11 +539,11 @@ def export(args: argparse.Namespace) -> dict:
     stage.mkdir()
     try:
         write_release(args, adapter_dir, stage, record, flat)
-        swap_in(stage, out, old, MANAGED + (FLAT_MANAGED if flat else ()))
+        swap_in(stage, out, old, managed)
     finally:
         for d in (stage, old):
             shutil.rmtree(d, ignore_errors=True)
-    others = sorted(p.name for p in out.iterdir() if p.name not in MANAGED + FLAT_MANAGED)
+    others = sorted(p.name for p in out.iterdir() if p.name not in managed)
     if others:
         print(f"[medlora] note: {out} also holds {others}; a push uploads them too", file=sys.stderr)
     if args.push_to_hub:

@@ -315,16 +315,22 @@ def adapter_targets(spec, cfg_path: Path) -> list[str]:
     return sorted(set(out), key=ALL_TARGETS.index)
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
-    """(LoRAConfig, raw adapter_config, tensors) — safetensors only, never pickle."""
-    folder = Path(folder)
+def _adapter_config(folder: Path) -> tuple[Path, dict]:
+    """(path, parsed adapter_config.json) of a PEFT adapter folder that has both of its files."""
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         raise AdapterError(f"{folder}: expected adapter_config.json and adapter_model.safetensors (PEFT format)")
     try:
-        raw = json.loads(cfg_path.read_text())
+        return cfg_path, json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
+    """(LoRAConfig, raw adapter_config, tensors) — safetensors only, never pickle."""
+    folder = Path(folder)
+    cfg_path, raw = _adapter_config(folder)
+    w_path = folder / "adapter_model.safetensors"
     if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
         raise AdapterError(f"{cfg_path}: only plain LoRA adapters are supported")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
@@ -380,7 +386,7 @@ def adapter_base_mismatch(folder: str | os.PathLike, base_info: dict) -> str | N
     """Why this adapter must not be applied to the loaded base, or None. An adapter records the
     sha256 of the weights it was trained on; applying it to other weights of the same shape
     would run without error and quietly give a worse model."""
-    _, raw, _ = read_adapter(folder)
+    _, raw = _adapter_config(Path(folder))  # the config is enough: the tensors are read when applied
     want = (raw.get("medlora") or {}).get("base_sha256")  # a GGUF file's sha256, or {file: sha256} of a folder
     have = base_info.get("sha256")
     if want and have and want != have:

@@ -182,9 +182,7 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
     model = body.get("model", settings.model_id)
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model", "invalid_type")
-    if model != settings.model_id:
-        raise ApiError(404, f"The model '{model[:80]}' does not exist; this server serves '{settings.model_id}'",
-                       "model", "model_not_found")
+    check_model(model, settings)
 
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(param)
@@ -245,6 +243,13 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
 
     return ChatRequest(messages, model, max_tokens, temperature, top_p, seed, stop, stream,
                        opts.get("include_usage", False), ignore_eos)
+
+
+def check_model(model: str, settings: Settings) -> None:
+    """OpenAI's 404 for a model name this server does not serve (not an answer under that name)."""
+    if model != settings.model_id:
+        raise ApiError(404, f"The model '{model[:80]}' does not exist; this server serves '{settings.model_id}'",
+                       "model", "model_not_found")
 
 
 def check_control_tokens(tok: ChatTokenizer, messages: list[dict]) -> None:
@@ -440,17 +445,16 @@ def create_app(engine: Engine, settings: Settings):
 
     @app.get("/v1/models/{model:path}", dependencies=guarded)
     async def model(model: str):
-        if model != settings.model_id:
-            raise ApiError(404, f"The model '{model[:80]}' does not exist", "model", "model_not_found")
+        check_model(model, settings)
         return card
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request):
-        req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
-        prompt = encode_prompt(tok, req.messages, settings)
-        if engine.snapshot()["active"] >= settings.max_queue:
+        if engine.snapshot()["active"] >= settings.max_queue:  # before reading and tokenising the request
             raise ApiError(429, f"the server is busy ({settings.max_queue} requests waiting or running); retry later",
                            None, "rate_limit_exceeded", "requests")
+        req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
+        prompt = encode_prompt(tok, req.messages, settings)
         job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
                   asyncio.get_running_loop())
         engine.submit(job)
