@@ -507,11 +507,11 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             f"per micro-batch, {tcfg.batch_size * tcfg.grad_accum * dist.world_size} rows per optimizer step")
     # The adapter names the weights it was trained on: their sha256 (a GGUF file's, or each safetensors
     # file's), and for PEFT a base it can load (the hub id of the bundled GGUF's model, not the id that
-    # was asked for and was unreachable), at the revision used.
+    # was asked for and was unreachable), at the revision used (the snapshot's commit when none was pinned).
     from medlora.hub import base_identity
 
     extra = {"base_sha256": model_info.get("sha256"), "base_id": model_info["id"],
-             "base_revision": model_info.get("revision")}
+             "base_revision": model_info.get("revision") or model_info.get("commit")}
     peft_base = base_identity(model_info).get("hub_id") or model_info.get("path") or model_info["id"]
     try:
         summary = train(model, ds, tcfg, lora_cfg, run_dir, tok.pad_id, peft_base,

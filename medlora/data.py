@@ -99,15 +99,18 @@ def _read_medquad_xml(folder: Path) -> list[dict]:
     return rows
 
 
-def _hub_files(repo_id: str, revision: str | None) -> list[Path]:
+def _hub_files(repo_id: str, revision: str | None) -> tuple[list[Path], str | None]:
+    """The data set's table files from the hub (or its cache), and the commit they come from."""
     from huggingface_hub import snapshot_download
+
+    from .weights import snapshot_commit
 
     folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                     allow_patterns=["*.csv", "*.parquet", "*.jsonl"]))
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".csv", ".parquet", ".jsonl"))
     if not files:
         raise DataError(f"hub data set {repo_id}: no csv/parquet/jsonl file in the repository")
-    return files
+    return files, snapshot_commit(folder)
 
 
 def load_source(spec: str | None = None, revision: str | None = None, verbose: bool = True) -> tuple[list[dict], dict]:
@@ -116,7 +119,7 @@ def load_source(spec: str | None = None, revision: str | None = None, verbose: b
 
     spec = spec or DEFAULT_DATA
     path = Path(spec)
-    note = ""
+    note, commit = "", None
     if path.is_dir():
         files = sorted(path.rglob("*.xml"))
         return _read_medquad_xml(path), {"source": spec, "kind": "medquad-xml", "files": len(files)}
@@ -124,7 +127,7 @@ def load_source(spec: str | None = None, revision: str | None = None, verbose: b
         files, kind = [path], "file"
     elif spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.suffix:
         try:
-            files, kind = _hub_files(spec, revision), "hub"
+            (files, commit), kind = _hub_files(spec, revision), "hub"
         except DataError:
             raise
         except Exception as e:
@@ -139,6 +142,8 @@ def load_source(spec: str | None = None, revision: str | None = None, verbose: b
     rows = [r for f in files for r in _read_table(f)]
     info = {"source": spec, "kind": kind, "files": [str(f) for f in files],
             "sha256": {f.name: sha256_file(f) for f in files}, "rows": len(rows)}
+    if kind == "hub":
+        info.update(revision=revision, commit=commit)
     if note:
         info["note"] = note
     return rows, info

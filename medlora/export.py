@@ -258,7 +258,7 @@ def base_spec(model_rec: dict) -> tuple[str, str | None]:
                           f"bundled GGUF is {'a different file' if bundled else 'not installed'}; pass the same "
                           f"weights with --model")
     if kind == "hub":
-        return model_rec.get("requested") or ident, model_rec.get("revision")
+        return model_rec.get("requested") or ident, model_rec.get("revision") or model_rec.get("commit")
     if kind == "folder" and path and os.path.isdir(path):
         return path, None
     raise ExportError(f"cannot tell which base weights the adapter was trained on (recorded: {ident!r}); pass --model")

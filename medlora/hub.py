@@ -50,7 +50,8 @@ class HubError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 def base_identity(model_rec: dict) -> dict:
     """The recorded base weights plus what they are: hub id (for `base_model:`), license, origin."""
-    out = {k: model_rec.get(k) for k in ("kind", "id", "path", "revision", "sha256", "note", "requested")}
+    out = {k: model_rec.get(k) for k in ("kind", "id", "path", "revision", "commit", "sha256", "note",
+                                          "requested")}
     sha = model_rec.get("sha256")
     known = KNOWN_GGUF.get(sha) if isinstance(sha, str) else None
     ident = str(model_rec.get("id") or "")
@@ -154,6 +155,8 @@ def _weights_lines(base: dict) -> list[str]:
     elif isinstance(sha, dict):
         files = ", ".join(f"`{k}` sha256 `{v}`" for k, v in sha.items())
         rev = f" at revision `{base['revision']}`" if base.get("revision") else ""
+        if base.get("commit") and base["commit"] != base.get("revision"):
+            rev += f" (commit `{base['commit']}`)"
         lines = [f"- **Weights trained on, exactly**: `{base.get('id')}`{rev}: {files}."]
     else:
         lines = [f"- **Weights trained on, exactly**: `{base.get('id')}`" + (f", sha256 `{sha}`." if sha else ".")]

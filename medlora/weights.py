@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -250,6 +251,13 @@ def hub_download(repo_id: str, revision: str | None = None) -> str:
                              allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
 
 
+def snapshot_commit(folder: str | os.PathLike) -> str | None:
+    """The hub commit a snapshot folder holds (the cache lays files out as .../snapshots/<commit>/), so a run
+    that did not pin --revision still records exactly which version it read."""
+    folder = Path(folder)
+    return folder.name if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+
+
 def is_local_model(spec: str | None) -> bool:
     """A --model that names local weights (a folder, a .gguf file, or the bundled package), not a hub id."""
     return spec is not None and (spec == BUNDLED or os.path.exists(spec))
@@ -277,7 +285,8 @@ def resolve_model(spec: str | None = None, revision: str | None = None, verbose:
         raise WeightsError(f"--model {spec!r}: no such file or folder, and not a hub id (owner/name)")
     try:
         path = hub_download(spec, revision)
-        return {"kind": "hub", "path": path, "id": spec, "revision": revision, "note": ""}
+        return {"kind": "hub", "path": path, "id": spec, "revision": revision, "commit": snapshot_commit(path),
+                "note": ""}
     except Exception as e:  # offline, unknown repo, gated...: report, then maybe fall back
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     fallback = bundled_gguf() if spec == DEFAULT_MODEL and not revision else None  # (a pinned revision is not ours)

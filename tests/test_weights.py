@@ -120,3 +120,49 @@ def test_model_resolution(tmp_path, gguf_path, monkeypatch):
         resolve_model(None, revision="v1.0", verbose=False)
     model, tok, info = load_pretrained(verbose=False)
     assert len(info["sha256"]) == 64
+
+
+def fake_hub_cache(root, kind: str, repo_id: str, commit: str, files: dict) -> None:
+    """A Hugging Face cache as `snapshot_download` lays it out (refs/main -> snapshots/<commit>/)."""
+    import shutil
+
+    repo = root / f"{kind}s--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name, src in files.items():
+        shutil.copy(src, repo / "snapshots" / commit / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_through_huggingface_hub_from_its_cache(tmp_path, gguf_path, monkeypatch):
+    """The hub path, really run: huggingface_hub (offline) resolves the ids to a cached snapshot, and the
+    record names the commit read even though no --revision was pinned."""
+    import huggingface_hub.constants
+
+    from medlora.data import DEFAULT_DATA, SHIPPED_DATA, load_source
+    from medlora.export import base_spec
+
+    gguf_model, tok, _ = load_pretrained(gguf_path, verbose=False)
+    save_folder(gguf_model, tok, tmp_path / "folder")
+    model_commit, data_commit = "a" * 40, "b" * 40
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "model", "someone/smol", model_commit,
+                   {p.name: p for p in (tmp_path / "folder").iterdir()})
+    fake_hub_cache(cache, "dataset", DEFAULT_DATA, data_commit, {"train.parquet": SHIPPED_DATA})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    model, _, info = load_pretrained("someone/smol", verbose=False)
+    assert info["kind"] == "hub" and info["commit"] == model_commit and info["revision"] is None
+    assert set(info["sha256"]) == {"model.safetensors"}
+    ids = torch.tensor([tok.encode("What is anemia?")])
+    with torch.no_grad():
+        assert torch.equal(model(ids), gguf_model(ids))
+    assert base_spec(info) == ("someone/smol", model_commit)  # export reloads exactly that version
+    assert load_pretrained("someone/smol", revision=model_commit, verbose=False)[2]["commit"] == model_commit
+    with pytest.raises(WeightsError, match="cannot load 'someone/smol'"):
+        resolve_model("someone/smol", revision="v2", verbose=False)  # not in the cache: no silent fallback
+
+    rows, data_info = load_source(DEFAULT_DATA, verbose=False)
+    assert data_info["kind"] == "hub" and data_info["commit"] == data_commit and "note" not in data_info
+    assert rows == load_source(str(SHIPPED_DATA), verbose=False)[0]
