@@ -350,6 +350,9 @@ def main(argv=None) -> int:
 
     from medlora import distributed
 
+    if problem := distributed.device_problem(device):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     dist = distributed.setup(device)  # under torchrun: joins the job; CUDA becomes cuda:LOCAL_RANK
     try:
         return run(args, argv, lora_cfg, tcfg, dist)

@@ -141,6 +141,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def device_problem(device: torch.device) -> str | None:
+    """Under torchrun each process takes cuda:LOCAL_RANK, so a GPU number in --device would be
+    silently ignored: say so instead (GPUs are chosen with CUDA_VISIBLE_DEVICES)."""
+    if launched_by_torchrun() and device.type == "cuda" and device.index is not None:
+        return (f"--device {device}: under torchrun every process uses cuda:LOCAL_RANK; pass --device cuda "
+                f"and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return None
+
+
 def setup(device: torch.device) -> Dist:
     """Join the process group torchrun describes in the environment (MASTER_ADDR, MASTER_PORT,
     RANK, WORLD_SIZE, LOCAL_RANK). CUDA: one GPU per process, cuda:LOCAL_RANK, NCCL. CPU: gloo.

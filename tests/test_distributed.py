@@ -187,3 +187,13 @@ if __name__ == "__main__":  # a torchrun worker: test_distributed.py OUT BATCH [
     a = sys.argv[1:]
     stop = int(a[a.index("--stop-at") + 1]) if "--stop-at" in a else None
     worker(Path(a[0]), int(a[1]), "--resume" in a, stop, stop_rank=1)
+
+
+def test_a_gpu_number_under_torchrun_is_refused_not_ignored(monkeypatch):
+    from medlora.distributed import device_problem
+
+    assert device_problem(torch.device("cuda", 1)) is None  # a plain process may pick its GPU
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    assert "CUDA_VISIBLE_DEVICES" in device_problem(torch.device("cuda", 1))
+    assert device_problem(torch.device("cuda")) is None and device_problem(torch.device("cpu")) is None
