@@ -72,6 +72,7 @@ class ChatTokenizer:
     eos_token: str = "<|im_end|>"
     bos_token: str | None = None
     pad_token: str | None = None
+    unk_token: str | None = None  # byte-level BPE never needs it; kept so a saved folder says what the source did
     extra_stop_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -173,7 +174,7 @@ class ChatTokenizer:
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
             "eos_token": self.eos_token, "pad_token": self.pad_token or self.eos_token,
-            "bos_token": self.bos_token, "unk_token": None, "add_bos_token": False,
+            "bos_token": self.bos_token, "unk_token": self.unk_token, "add_bos_token": False,
             "clean_up_tokenization_spaces": False, "model_max_length": 8192,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
@@ -212,7 +213,8 @@ def load_tokenizer_folder(folder: str | os.PathLike) -> ChatTokenizer:
         return v.get("content") if isinstance(v, dict) else v
 
     return ChatTokenizer(tok, template, eos_token=tok_str(cfg.get("eos_token")) or "<|im_end|>",
-                         bos_token=tok_str(cfg.get("bos_token")), pad_token=tok_str(cfg.get("pad_token")))
+                         bos_token=tok_str(cfg.get("bos_token")), pad_token=tok_str(cfg.get("pad_token")),
+                         unk_token=tok_str(cfg.get("unk_token")))
 
 
 def show_mask(tok: ChatTokenizer, ids: list[int], labels: list[int], color: bool | None = None) -> str:

@@ -224,12 +224,13 @@ def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in range(len(tokens)) if types[i] in (3, 4)])
     tid = lambda k: meta.get(f"tokenizer.ggml.{k}_token_id")  # noqa: E731
-    eos, bos, pad = tid("eos"), tid("bos"), tid("padding")
+    eos, bos, pad, unk = tid("eos"), tid("bos"), tid("padding"), tid("unknown")
     template = meta.get("tokenizer.chat_template")
     if not template:
         raise WeightsError(f"{path}: no tokenizer.chat_template in the GGUF metadata")
     return ChatTokenizer(tok, template, eos_token=tokens[eos], bos_token=tokens[bos] if bos is not None else None,
-                         pad_token=tokens[pad] if pad is not None else None)
+                         pad_token=tokens[pad] if pad is not None else None,
+                         unk_token=tokens[unk] if unk is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------

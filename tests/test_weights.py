@@ -144,6 +144,10 @@ def test_hub_ids_load_through_huggingface_hub_from_its_cache(tmp_path, gguf_path
 
     gguf_model, tok, _ = load_pretrained(gguf_path, verbose=False)
     save_folder(gguf_model, tok, tmp_path / "folder")
+    from transformers import AutoTokenizer  # the saved tokenizer names the GGUF's special tokens, unk included
+
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "folder")
+    assert (hf_tok.unk_token, hf_tok.bos_token, hf_tok.eos_token) == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     model_commit, data_commit = "a" * 40, "b" * 40
     cache = tmp_path / "hub"
     fake_hub_cache(cache, "model", "someone/smol", model_commit,
