@@ -20,6 +20,7 @@ import math
 import random
 import sys
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, nonneg_int,
@@ -68,6 +69,8 @@ def parse_args(argv=None):
         return args
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in PARTS]
+    if not args.only:
+        p.error(f"--only: no part named; choose from {', '.join(PARTS)}")
     if bad:
         p.error(f"--only: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     if args.adapter is None and args.base_model is None:
@@ -85,6 +88,8 @@ def parse_args(argv=None):
         p.error("--model is not used with --adapter and --base-model: the tuned model is --base-model + --adapter")
     moot = [f"--{k.replace('_', '-')}" for k in ("only", "limit", "general_limit", "medical_limit", "safety_limit",
                                                   "loss_rows", "review_size", "data") if k in given]
+    if args.prompts:  # a bad prompts file fails now, not after the base model's answers
+        read_jsonl(Path(args.prompts))
     if args.prompts and moot:  # (a warning: harmless limits, e.g. from a script that shrinks every eval)
         print(f"warning: --prompts replaces the built-in parts: {', '.join(moot)} do nothing with it", file=sys.stderr)
     warning = sampling_ignored(args, given, ("top_k", "top_p"))  # (eval's --seed also picks the held-out sample)
@@ -108,8 +113,29 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
                 raise SystemExit(f"error: {path}: line {n}: invalid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
                 raise SystemExit(f"error: {path}: line {n}: field 'prompt' must be a non-empty string")
+            if "kind" in rec and rec["kind"] not in ("harmful", "benign"):
+                raise SystemExit(f"error: {path}: line {n}: field 'kind' must be 'harmful' or 'benign', got {rec['kind']!r}")
             out.append(rec)
+    if not out:
+        raise SystemExit(f"error: {path}: no prompts in the file")
+    with_kind = sum("kind" in r for r in out)
+    if 0 < with_kind < len(out):  # safety probes and reference questions are scored differently: one kind per file
+        raise SystemExit(f"error: {path}: {with_kind} of {len(out)} prompts have a 'kind' (safety probes) and the "
+                         f"rest do not; put safety probes and other prompts in separate files")
     return out[:limit] if limit else out
+
+
+def spread_sample(recs: list[dict]) -> list[dict]:
+    """Probes reordered so any first N span harmful and benign prompts and their categories: round-robin
+    over the categories, alternating harmful and benign ones (a plain head would be all harmful)."""
+    by_cat: dict[tuple[str, str], list[dict]] = {}
+    for r in recs:
+        by_cat.setdefault((r.get("kind", "harmful"), r["category"]), []).append(r)
+    harmful = [c for c in by_cat if c[0] == "harmful"]
+    benign = [c for c in by_cat if c[0] != "harmful"]
+    order = [c for pair in zip_longest(harmful, benign) for c in pair if c is not None]
+    depth = max(len(v) for v in by_cat.values())
+    return [by_cat[c][i] for i in range(depth) for c in order if i < len(by_cat[c])]
 
 
 def heldout_rows(args, record: dict | None, run_dir: Path | None):
@@ -242,11 +268,8 @@ def main(argv=None) -> int:
                                  ("safety", "safety_probes.jsonl", args.safety_limit)):
             if part in args.only:
                 recs = read_jsonl(data_dir / fname)
-                if lim and part == "safety":  # a small sample still spans harmful and benign categories
-                    seen: dict[str, int] = {}
-                    rank = [seen.__setitem__(r["category"], seen.get(r["category"], -1) + 1) or seen[r["category"]]
-                            for r in recs]
-                    recs = [r for _, r in sorted(zip(rank, recs), key=lambda x: x[0])]
+                if lim and part == "safety":
+                    recs = spread_sample(recs)
                 recs = recs[:lim] if lim else recs
                 inputs[part] = {"records": recs, "questions": [r["prompt"] for r in recs]}
 
@@ -430,6 +453,14 @@ def main(argv=None) -> int:
             vt = st_["summary"]["harmful"]["by_category"].get(cat, {})
             md.append(f"| {cat} | {ev._fmt(vb.get('refuse_redirect_rate'))} | {ev._fmt(vt.get('refuse_redirect_rate'))} "
                       f"| {ev._fmt(vb.get('harmful_compliance_rate'))} | {ev._fmt(vt.get('harmful_compliance_rate'))} |")
+        # Benign prompts: any refusal, not only the bare ones counted as over-refusal, so a model that refuses
+        # a fifth of harmless questions while still saying something cannot hide behind a low over-refusal rate.
+        md += ["", "| category (benign) | base over-refusal | tuned over-refusal | base any refusal | tuned any refusal |",
+               "|---|---:|---:|---:|---:|"]
+        for cat, vb in sb_["summary"]["benign"]["by_category"].items():
+            vt = st_["summary"]["benign"]["by_category"].get(cat, {})
+            md.append(f"| {cat} | {ev._fmt(vb.get('over_refusal_rate'))} | {ev._fmt(vt.get('over_refusal_rate'))} "
+                      f"| {ev._fmt(vb.get('refuse_rate'))} | {ev._fmt(vt.get('refuse_rate'))} |")
         worst = [x for x in st_["items"] if x["kind"] == "harmful" and x["labels"].harmful_compliance]
         worst += [x for x in st_["items"] if x["kind"] == "harmful" and not x["labels"].refuses_or_redirects
                   and x not in worst]
@@ -443,7 +474,7 @@ def main(argv=None) -> int:
 
     ev.write_json(out / "report.json", report)
     (out / "report.md").write_text("\n".join(md) + "\n")
-    ev.plot_report(report, out / "report.png")
+    ev.plot_report(report, out / "report.png")  # (removes an older run's chart when nothing is plotted)
     print(f"\n== eval summary ({out}) ==")
     if "heldout" in report:
         h = report["heldout"]
@@ -457,7 +488,8 @@ def main(argv=None) -> int:
     if "safety" in report:
         b, t = report["safety"]["base"]["overall"], report["safety"]["tuned"]["overall"]
         print("safety: " + "; ".join(f"{k} {ev._fmt(b.get(k))} -> {ev._fmt(t.get(k))}" for k in b))
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
+    charts = f", {out / 'report.png'}" if (out / "report.png").exists() else ""
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}{charts}")
     return 0
 
 

@@ -210,7 +210,8 @@ def score_safety(answers: list[Answer], records: list[dict]) -> dict:
     summary["overall"] = {"harmful_n": h["n"], "refuse_redirect_rate": h["refuse_redirect_rate"],
                           "harmful_compliance_rate": h["harmful_compliance_rate"],
                           "specific_dose_rate": h["specific_dose_rate"], "dangerous_steps_rate": h["dangerous_steps_rate"],
-                          "benign_n": b["n"], "over_refusal_rate": b["over_refusal_rate"]}
+                          "benign_n": b["n"], "over_refusal_rate": b["over_refusal_rate"],
+                          "benign_refuse_rate": b["refuse_rate"]}
     return {"summary": summary, "items": scored}
 
 
@@ -271,11 +272,13 @@ def plot_report(report: dict, path: Path) -> None:
             metrics.append((f"general {label}", g["base"][key], g["tuned"][key]))
     s = report.get("safety", {})
     for key, label in (("refuse_redirect_rate", "harmful: refuse/redirect"),
-                       ("harmful_compliance_rate", "harmful: complies"), ("over_refusal_rate", "benign: over-refusal")):
+                       ("harmful_compliance_rate", "harmful: complies"), ("over_refusal_rate", "benign: over-refusal"),
+                       ("benign_refuse_rate", "benign: any refusal")):
         b, t = s.get("base", {}).get("overall", {}).get(key), s.get("tuned", {}).get("overall", {}).get(key)
         if b is not None:
             metrics.append((label, b, t))
-    if not metrics:
+    if not metrics:  # a chart from an earlier run in the same folder would describe other numbers
+        path.unlink(missing_ok=True)
         return
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(metrics) + 1.2))
     y = range(len(metrics))

@@ -353,6 +353,10 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict, dict[str,
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{w_path}: cannot read safetensors ({e})") from None
+    for key, t in tensors.items():  # the rank in the config and in the tensors must agree (checked before any model)
+        rank = t.shape[0] if ".lora_A." in key else t.shape[-1] if ".lora_B." in key else None
+        if rank is not None and (t.dim() != 2 or rank != cfg.rank):
+            raise AdapterError(f"{w_path}: tensor {key} has shape {tuple(t.shape)}, but {cfg_path.name} says r={cfg.rank}")
     return cfg, raw, tensors
 
 

@@ -983,7 +983,8 @@ MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 @lru_cache(maxsize=None)
 def words(text: str) -> tuple[str, ...]:
     """Normalised words (cached: every candidate is compared with every evaluation prompt)."""
-    return tuple(re.findall(r"[a-z0-9']+", text.lower().replace("’", "'")))
+    # Apostrophes only inside a word ("don't"): a quoted term ('metastasis') is the same word as the bare one.
+    return tuple(re.findall(r"[a-z0-9]+(?:'[a-z0-9]+)*", text.lower().replace("’", "'")))
 
 
 def ngrams(ws: tuple[str, ...], n: int) -> set[tuple[str, ...]]:

@@ -11,7 +11,7 @@ import torch
 from helpers import DEVICES, randomize_lora, tiny_model
 
 from medlora.config import ConfigError, LoRAConfig
-from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_modules, lora_parameters,
+from medlora.lora import (AdapterError, LoRALinear, inject_lora, load_adapter, read_adapter, lora_modules, lora_parameters,
                           merge_lora, parameter_report, save_adapter, unmerge_lora)
 from medlora.lora import dropout_mask
 
@@ -318,6 +318,11 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     deeper = tiny_model(num_hidden_layers=3)
     with pytest.raises(AdapterError, match="does not fit"):
         load_adapter(deeper, tmp_path / "a")
+    edited = json.loads((tmp_path / "a" / "adapter_config.json").read_text())  # config and tensors disagree on r:
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**edited, "r": 4}))  # found before any model
+    with pytest.raises(AdapterError, match=r"lora_A.weight has shape \(2, \d+\), but adapter_config.json says r=4"):
+        read_adapter(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(edited))
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(AdapterError, match="cannot read safetensors"):
         load_adapter(tiny_model(), tmp_path / "a")

@@ -342,6 +342,8 @@ def test_contamination_filter_catches_copies():
     probe = refs[0]
     assert contamination(probe, refs) == "exact"
     assert contamination(probe.upper() + "!!", refs) == "exact"  # case and punctuation don't matter
+    assert contamination("What does 'metastasis' mean?", refs) == "exact"  # nor quotes around a term
+    assert words("Don't say 'no'") == ("don't", "say", "no")
     assert contamination("Quick question. " + probe + " Thanks a lot for the help.", refs) == "near"
     assert contamination("What is the boiling point of water at sea level in a pressure cooker?", []) is None
     # the filter runs inside generation: treat some seed-0 prompts as "evaluation" prompts for a seed-1 run
