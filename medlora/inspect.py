@@ -2,7 +2,7 @@
 files medlora actually loads.
 
     python -m medlora.inspect model [--model M]          # architecture, sizes, template, license
-    python -m medlora.inspect data [--data D] [--plot lengths.png]
+    python -m medlora.inspect data [--data D] [--question-col Q --answer-col A] [--plot lengths.png]
     python -m medlora.inspect example N [--data D]       # one training example, supervised tokens marked
 
 `model` prints the facts of a model card, read from the loaded files (`model_card`); `data` the
@@ -10,17 +10,21 @@ facts of a data card (`data_card`: columns, cleaning counts, token lengths, repe
 `example` one training example through the mask view (`tokenizer.show_mask`). `train.py
 --dry-run` uses `dry_run_report` for the trainable parameters, memory and steps. Left out:
 anything not in the files themselves (benchmarks, intended use: read the real model card).
+A flag the subcommand does not use is an error (it would change nothing); bad input is one
+`error:` line and exit status 2, checked before the slow model load where it can be.
 Mirrors the checklists of Hugging Face model cards and of "Datasheets for Datasets".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import add_model_flags, nonneg_int, positive_int
+from .cli import add_model_flags, fraction, given_flags, nonneg_int, positive_int, revision_unused
 
 
 def model_card(model, tok, info: dict) -> dict:
@@ -52,12 +56,30 @@ def model_card(model, tok, info: dict) -> dict:
     }
 
 
-def data_card(tok, data: str | None, max_len: int, val_fraction: float, seed: int, plot: str | None) -> dict:
-    from .data import build_examples, clean_rows, load_source, question_topic, split_rows
+@dataclass
+class Rows:
+    """A data source read and cleaned (before the model loads, so a bad --data fails fast)."""
+    raw: list[dict]
+    info: dict
+    rows: list  # medlora.data.Row
+    counts: Counter
+
+
+def read_rows(data: str | None, question_col: str = "Question", answer_col: str = "Answer") -> Rows:
+    from .data import DataError, clean_rows, load_source
 
     raw, info = load_source(data, verbose=False)
+    rows, counts = clean_rows(raw, question_col, answer_col, source=info["source"])
+    if not rows:
+        raise DataError(f"{info['source']}: no usable rows ({dict(counts) or 'the source is empty'})")
+    return Rows(raw, info, rows, counts)
+
+
+def data_card(tok, data: Rows, max_len: int, val_fraction: float, seed: int, plot: str | None) -> dict:
+    from .data import build_examples, question_topic, split_rows
+
+    raw, rows = data.raw, data.rows
     columns = sorted({k for r in raw[:1000] if isinstance(r, dict) for k in r})
-    rows, counts = clean_rows(raw)
     exs = build_examples(rows, tok, 10**9)  # no length cap: measure every row
     lens = sorted(len(e.ids) for e in exs)
     pct = {f"p{p}": lens[min(len(lens) - 1, int(p / 100 * len(lens)))] for p in (50, 90, 95, 99)}
@@ -68,99 +90,174 @@ def data_card(tok, data: str | None, max_len: int, val_fraction: float, seed: in
     train, val = split_rows(rows, val_fraction, seed)
     over = sum(x > max_len for x in lens)
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.hist([min(x, 2048) for x in lens], bins=64, color="#2a7ab9")
-        ax.axvline(max_len, color="crimson", ls="--", label=f"--max-seq-len {max_len}")
-        ax.set_xlabel("tokens per chat example (system + question + answer; clipped at 2048)")
-        ax.set_ylabel("rows")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=110)
-        plt.close(fig)
-    return {"source": {k: v for k, v in info.items()}, "columns": columns, "rows": len(raw),
-            "cleaning": dict(counts), "qtype": dict(Counter(r.qtype for r in rows).most_common()),
+        save_histogram(lens, max_len, plot)
+    return {"source": dict(data.info), "columns": columns, "rows": len(raw),
+            "cleaning": dict(data.counts), "qtype": dict(Counter(r.qtype for r in rows).most_common()),
             "token_lengths": pct | {"max": lens[-1]}, "share_fitting": fits,
             f"longer_than_{max_len}": over, "repeated_questions": q_dupes, "repeated_answers": a_dupes,
             "distinct_topics": len(topics), "split": {"train_rows": len(train), "val_rows": len(val), "seed": seed,
                                                       "val_fraction": val_fraction}, "histogram": plot}
 
 
-def main(argv=None) -> int:
+def save_histogram(lens: list[int], max_len: int, plot: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist([min(x, 2048) for x in lens], bins=64, color="#2a7ab9")
+    ax.axvline(max_len, color="crimson", ls="--", label=f"--max-seq-len {max_len}")
+    ax.set_xlabel("tokens per chat example (system + question + answer; clipped at 2048)")
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+
+def plot_problem(path: str) -> str | None:
+    """Why the histogram could not be written to `path`, found before the slow work rather than after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    p = Path(path).absolute()
+    if p.suffix[1:].lower() not in kinds:
+        return f"matplotlib cannot write that format; end the name in one of {', '.join(sorted(kinds))}"
+    if p.is_dir():
+        return "is a folder"
+    if not p.parent.is_dir():
+        return f"no folder {p.parent}"
+    return None if os.access(p.parent, os.W_OK) else f"{p.parent} is not writable"
+
+
+# The flags each subcommand uses; another one given is an error, not silently ignored.
+USES = {"model": {"model", "revision", "json"},
+        "data": {"model", "revision", "data", "question_col", "answer_col", "max_seq_len", "val_fraction", "seed",
+                 "plot", "json"},
+        "example": {"model", "revision", "data", "question_col", "answer_col", "n", "color"}}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medlora.inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["model", "data", "example"])
-    p.add_argument("n", nargs="?", type=nonneg_int, default=0, help="example index (for `example`)")
-    add_model_flags(p)
-    p.add_argument("--data", default=None)
-    p.add_argument("--max-seq-len", type=positive_int, default=1024)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("n", nargs="?", type=nonneg_int, default=None, metavar="N", help="example index (`example` only)")
+    add_model_flags(p, placement=False)
+    p.add_argument("--data", default=None, help="as train.py --data (data, example)")
+    p.add_argument("--question-col", default="Question", help="as train.py (data, example)")
+    p.add_argument("--answer-col", default="Answer", help="as train.py (data, example)")
+    p.add_argument("--max-seq-len", type=positive_int, default=1024, help="rows longer are counted (data)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="the split shown (data)")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed (data)")
     p.add_argument("--plot", default=None, help="write the token-length histogram here (data)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    args = p.parse_args(argv)
-    from .weights import load_pretrained
+    p.add_argument("--json", action="store_true", help="print JSON instead of text (model, data)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="(example)")
+    return p
 
-    model, tok, info = load_pretrained(args.model, args.revision, verbose=False)
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
+    """Refuse what would change nothing or fail late: a flag the subcommand does not use, `example`
+    without N, --revision on a local model, a --plot that cannot be written."""
+    unused = sorted((given_flags(p, argv) | ({"n"} if args.n is not None else set())) - USES[args.what])
+    if unused:
+        names = ", ".join("N" if d == "n" else f"--{d.replace('_', '-')}" for d in unused)
+        p.error(f"{names}: not used by `{args.what}` (it would change nothing)")
+    if args.what == "example" and args.n is None:
+        p.error("example needs N, the row to show (e.g. `example 3`)")
+    problem = revision_unused(args.revision, args.model)
+    if problem:
+        p.error(problem)
+    problem = args.plot and plot_problem(args.plot)
+    if problem:
+        p.error(f"--plot {args.plot}: {problem}")
+
+
+def load_model(spec: str, revision: str | None):
+    from .weights import WeightsError, load_pretrained
+
+    try:
+        return load_pretrained(spec, revision, verbose=False)
+    except WeightsError as e:
+        if (Path(spec) / "adapter_config.json").exists():
+            raise WeightsError(f"{e}; it is a LoRA adapter folder, and --model takes base weights") from None
+        raise
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+    from .weights import WeightsError
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args, argv)
+    try:
+        data = read_rows(args.data, args.question_col, args.answer_col) if args.what != "model" else None
+        if args.what == "example" and args.n >= len(data.rows):
+            raise DataError(f"example {args.n} out of range (0..{len(data.rows) - 1})")
+        model, tok, info = load_model(args.model, args.revision)
+    except (DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.what == "model":
-        card = model_card(model, tok, info)
-        if args.json:
-            print(json.dumps(card, indent=2, default=str))
-            return 0
-        print(f"weights     {info['id']} ({info['kind']}: {info['path']})")
-        if info.get("note"):
-            print(f"            {info['note']}")
-        print(f"sha256      {info['sha256'] if isinstance(info['sha256'], str) else json.dumps(info['sha256'])}")
-        print(f"shape       {card['layers']} layers, hidden {card['hidden']}, MLP {card['mlp']}, {card['heads']} heads "
-              f"/ {card['kv_heads']} KV heads (head dim {card['head_dim']}), vocab {card['vocab']:,}")
-        print(f"parameters  {card['parameters']:,}  (tied head: {card['tied_head']})")
-        print(f"context     {card['context_length']:,} tokens, rope theta {card['rope_theta']:g}, RMS eps {card['rms_norm_eps']:g}")
-        print(f"license     {card['license'] or 'not stated in the files: check the model card'}")
-        print(f"tokens      eos/end-of-turn {card['eos_token']!r}, pad {card['pad_token']!r}"
-              f"{'  (pad = eos: never mask labels by comparing with pad)' if card['eos_token'] == card['pad_token'] else ''}")
-        print(f"template    injects a default system prompt when none is given: {card['default_system_prompt_injected']}")
-        print("---- chat template ----\n" + card["chat_template"])
-        print("---- one conversation rendered ----\n" + card["rendered_example"])
-        return 0
+        return print_model(model_card(model, tok, info), info, args.json)
     if args.what == "data":
-        card = data_card(tok, args.data, args.max_seq_len, args.val_fraction, args.seed, args.plot)
-        if args.json:
-            print(json.dumps(card, indent=2, default=str))
-            return 0
-        print(f"source      {card['source'].get('source')} -> {card['source'].get('files')}")
-        print(f"sha256      {card['source'].get('sha256')}")
-        print(f"columns     {', '.join(card['columns'])};  rows {card['rows']:,}")
-        print(f"cleaning    {card['cleaning']}")
-        print(f"qtype       {card['qtype']}")
-        print(f"tokens      {card['token_lengths']} per chat example; fits: "
-              + ", ".join(f"{k} {v:.1%}" for k, v in card["share_fitting"].items()))
-        print(f"too long    {card[f'longer_than_{args.max_seq_len}']:,} rows over --max-seq-len {args.max_seq_len}")
-        print(f"repeats     {card['repeated_questions']:,} repeated questions, {card['repeated_answers']:,} repeated answers, "
-              f"{card['distinct_topics']:,} distinct question topics")
-        print(f"split       {card['split']['train_rows']:,} train / {card['split']['val_rows']:,} validation rows "
-              f"(grouped by answer and topic, seed {args.seed})")
-        if args.plot:
-            print(f"histogram   {args.plot}")
+        return print_data(data_card(tok, data, args.max_seq_len, args.val_fraction, args.seed, args.plot), args)
+    return print_example(tok, data.rows, args.n, args.color)
+
+
+def print_model(card: dict, info: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(card, indent=2, default=str))
         return 0
-    from .data import build_examples, clean_rows, load_source
+    print(f"weights     {info['id']} ({info['kind']}: {info['path']})")
+    if info.get("note"):
+        print(f"            {info['note']}")
+    print(f"sha256      {info['sha256'] if isinstance(info['sha256'], str) else json.dumps(info['sha256'])}")
+    print(f"shape       {card['layers']} layers, hidden {card['hidden']}, MLP {card['mlp']}, {card['heads']} heads "
+          f"/ {card['kv_heads']} KV heads (head dim {card['head_dim']}), vocab {card['vocab']:,}")
+    print(f"parameters  {card['parameters']:,}  (tied head: {card['tied_head']})")
+    print(f"context     {card['context_length']:,} tokens, rope theta {card['rope_theta']:g}, RMS eps {card['rms_norm_eps']:g}")
+    print(f"license     {card['license'] or 'not stated in the files: check the model card'}")
+    print(f"tokens      eos/end-of-turn {card['eos_token']!r}, pad {card['pad_token']!r}"
+          f"{'  (pad = eos: never mask labels by comparing with pad)' if card['eos_token'] == card['pad_token'] else ''}")
+    print(f"template    injects a default system prompt when none is given: {card['default_system_prompt_injected']}")
+    print("---- chat template ----\n" + card["chat_template"])
+    print("---- one conversation rendered ----\n" + card["rendered_example"])
+    return 0
+
+
+def print_data(card: dict, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(card, indent=2, default=str))
+        return 0
+    print(f"source      {card['source'].get('source')} -> {card['source'].get('files')}")
+    print(f"sha256      {card['source'].get('sha256')}")
+    print(f"columns     {', '.join(card['columns'])};  rows {card['rows']:,}")
+    print(f"cleaning    {card['cleaning']}")
+    print(f"qtype       {card['qtype']}")
+    print(f"tokens      {card['token_lengths']} per chat example; fits: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in card["share_fitting"].items()))
+    print(f"too long    {card[f'longer_than_{args.max_seq_len}']:,} rows over --max-seq-len {args.max_seq_len}")
+    print(f"repeats     {card['repeated_questions']:,} repeated questions, {card['repeated_answers']:,} repeated answers, "
+          f"{card['distinct_topics']:,} distinct question topics")
+    print(f"split       {card['split']['train_rows']:,} train / {card['split']['val_rows']:,} validation rows "
+          f"(grouped by answer and topic, seed {args.seed})")
+    if args.plot:
+        print(f"histogram   {args.plot}")
+    return 0
+
+
+def print_example(tok, rows: list, n: int, color: str) -> int:
+    from .data import build_examples
     from .tokenizer import IGNORE, show_mask
 
-    raw, _ = load_source(args.data, verbose=False)
-    rows, _ = clean_rows(raw)
-    if args.n >= len(rows):
-        print(f"error: example {args.n} out of range (0..{len(rows) - 1})", file=sys.stderr)
-        return 2
-    ex = build_examples([rows[args.n]], tok, 10**9)[0]
-    color = {"always": True, "never": False}.get(args.color)
-    print(show_mask(tok, ex.ids, ex.labels, color=color))
+    ex = build_examples([rows[n]], tok, 10**9)[0]
+    shown = {"always": True, "never": False}.get(color)
+    print(show_mask(tok, ex.ids, ex.labels, color=shown))
     sup = sum(lab != IGNORE for lab in ex.labels)
     print(f"\n{len(ex.ids)} tokens, {sup} supervised (the answer and its closing {tok.eos_token}), "
-          f"{len(ex.ids) - sup} masked" + ("" if color else "; supervised text is shown [[like this]]"))
+          f"{len(ex.ids) - sup} masked" + ("" if shown else "; supervised text is shown [[like this]]"))
     return 0
 
 

@@ -35,6 +35,7 @@ import hmac
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -303,6 +304,32 @@ class FeedbackLog:
                 os.close(fd)
 
 
+def feedback_problem(path: str | os.PathLike) -> str | None:
+    """Why records could not be appended to `path`, found at startup: else the first feedback POST
+    would be a 500 (FeedbackLog.append creates missing folders, so those are fine)."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        return "is a folder, not a file"
+    if p.exists():
+        return None if os.access(p, os.W_OK) else "is not writable"
+    folder = next(a for a in p.parents if a.exists())
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot create it: {folder} is not writable"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket before saying it serves: a taken port is one clear error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old sockets linger
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def feedback_record(body: Any, model_id: str) -> dict:
     """Check a feedback request and build its line: a `{"messages": [...]}` record that
     `train.py --extra-data` reads, whose last assistant message is the correction if one was
@@ -530,15 +557,23 @@ def serve(model, tok: ChatTokenizer, settings: Settings, host: str = "127.0.0.1"
     limit = model.config.max_position_embeddings
     if settings.max_prompt_tokens + settings.max_tokens_limit > limit:
         raise SystemExit(f"error: --max-prompt-tokens + --max-tokens-limit must fit the model's context of {limit} tokens")
+    problem = feedback_problem(settings.feedback_file)
+    if problem:
+        raise SystemExit(f"error: --feedback-file {settings.feedback_file}: {problem}")
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"[medlora] warning: serving on {host} with no API key: anyone who can reach this port can use it",
               file=sys.stderr)
+    sock = listen(host, port)
     engine = Engine(model, tok, settings.max_batch, settings.top_k, settings.repetition_penalty,
                     settings.no_repeat_ngram)
     app = create_app(engine, settings)
-    print(f"[medlora] serving {settings.model_id} on http://{host}:{port} (API key {'required' if settings.api_key else 'off'}; "
-          f"feedback -> {settings.feedback_file})", flush=True)
+    print(f"[medlora] serving {settings.model_id} on http://{host}:{sock.getsockname()[1]} (API key "
+          f"{'required' if settings.api_key else 'off'}; feedback -> {settings.feedback_file})", flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # as uvicorn.run
+        pass
     finally:
         engine.close()
+        sock.close()

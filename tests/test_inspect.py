@@ -7,7 +7,7 @@ import sys
 import pyarrow.parquet as pq
 from conftest import ROOT
 
-from medlora.inspect import data_card, model_card
+from medlora.inspect import data_card, main, model_card, read_rows
 from medlora.weights import load_pretrained
 
 
@@ -24,7 +24,7 @@ def test_model_card_matches_transformers(hf_model, gguf_path):
 
 def test_data_card_counts_match_pyarrow(ours, medquad_path, tmp_path):
     _, tok = ours
-    card = data_card(tok, str(medquad_path), 1024, 0.1, 0, str(tmp_path / "h.png"))
+    card = data_card(tok, read_rows(str(medquad_path)), 1024, 0.1, 0, str(tmp_path / "h.png"))
     table = pq.read_table(medquad_path)
     assert card["rows"] == table.num_rows and card["columns"] == sorted(table.column_names)
     q, a = table.column("Question").to_pylist(), table.column("Answer").to_pylist()
@@ -41,6 +41,57 @@ def test_inspect_example_cli():
     view = r.stdout.split("\n\n")[0]
     assert view.count("[[") == 1 and view.rstrip().endswith("<|im_end|>]]")
     assert "supervised" in r.stdout
+
+
+def inspect_error(argv: list[str], capsys) -> str:
+    """Run inspect in-process; it must fail with exit status 2 and one error line, no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's p.error
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, (argv, err)
+    return err.strip().splitlines()[-1]
+
+
+def test_inspect_bad_input_is_an_error_line_not_a_traceback(capsys, tmp_path):
+    """Bad files and impossible or unused flags are one `error:` line and status 2, all found before
+    the model loads (a bad --data even when the model is bad too)."""
+    qa = tmp_path / "qa.csv"
+    qa.write_text("q,a\nWhat is anemia?,A low red blood cell count.\n")
+    cases = {
+        ("model", "--model", "/nonexistent/x.gguf"): "error: --model '/nonexistent/x.gguf': no such file",
+        ("model", "--model", str(ROOT / "adapters" / "medlora-r8")): "it is a LoRA adapter folder",
+        ("model", "--model", "bundled", "--revision", "main"): "only a hub id has revisions",
+        ("data", "--data", "/nonexistent.csv", "--model", "/nonexistent/x.gguf"): "error: --data /nonexistent.csv:",
+        ("data", "--data", str(ROOT / "README.md")): "unsupported file type '.md'",
+        ("data", "--data", str(qa)): "no column 'Question' (columns: ['a', 'q']); set --question-col",
+        ("data", "--plot", "/nonexistent/dir/x.png"): "--plot /nonexistent/dir/x.png: no folder /nonexistent/dir",
+        ("data", "--plot", str(tmp_path / "x.xyz")): "matplotlib cannot write that format; end the name in one of",
+        ("data", "--val-fraction", "3"): "--val-fraction: must be in [0, 1), got 3",
+        ("model", "7", "--plot", "x.png", "--data", "ok.csv"): "--data, N, --plot: not used by `model`",
+        ("example", "2", "--json"): "--json: not used by `example`",
+        ("example",): "example needs N",
+        ("example", "5", "--data", str(qa), "--question-col", "q", "--answer-col", "a"): "example 5 out of range",
+    }
+    for argv, message in cases.items():
+        assert message in inspect_error(list(argv), capsys), argv
+
+
+def test_inspect_reads_other_column_names(ours, monkeypatch, capsys, tmp_path):
+    """--question-col / --answer-col, as train.py: the error for other column names tells the user to set them."""
+    import json
+
+    model, tok = ours
+    monkeypatch.setattr("medlora.weights.load_pretrained", lambda *a, **k: (model, tok, {}))
+    qa = tmp_path / "qa.csv"
+    qa.write_text("q,a\nWhat is anemia?,A low red blood cell count.\nWhat is flu?,A viral infection.\n")
+    cols = ["--data", str(qa), "--question-col", "q", "--answer-col", "a"]
+    assert main(["data", *cols, "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["columns"] == ["a", "q"] and card["cleaning"] == {"kept": 2}
+    assert main(["example", "1", *cols, "--color", "never"]) == 0
+    assert "[[A viral infection.<|im_end|>]]" in capsys.readouterr().out
 
 
 def test_trainable_count_matches_peft():

@@ -26,8 +26,88 @@ def test_repl_commands(gguf_path):
     r = run(["--model", gguf_path, "--max-new-tokens", "12"], "Hello\n/system Answer in one word.\n/system\n/reset\n/bogus\n/quit\n")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert out.count("medlora> ") == 1 and "(conversation cleared)" in out and "Answer in one word." in out
+    assert out.count("medlora> ") == 1 and "(conversation cleared" in out and "Answer in one word." in out
     assert "You are medlora" in out and "commands:" in out
+
+
+def feed(monkeypatch, lines: list[str]) -> None:
+    """Answer the REPL's input() with these lines, then Ctrl-D."""
+    it = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+
+
+def record_sent(monkeypatch, answer: str) -> list[list[dict]]:
+    """The conversations the REPL sends to the model, which answers `answer` (no decoding: fast)."""
+    import serve
+
+    sent = []
+    monkeypatch.setattr(serve, "stream_chat", lambda model, tok, messages, gen: sent.append(messages) or iter([answer]))
+    return sent
+
+
+def test_a_question_past_the_context_is_not_sent_and_the_session_goes_on(ours, monkeypatch, capsys):
+    """Generation refuses a prompt with no room for max-new-tokens; the REPL says so and drops that
+    question instead of exiting with a traceback (the conversation was lost)."""
+    import serve
+    from medlora.generate import GenConfig
+
+    model, tok = ours
+    first = len(tok.encode_chat(serve.conversation(tok, [{"role": "user", "content": "Hi"}], None),
+                                add_generation_prompt=True))
+    limit = first + 4 + 30  # "Hi", its answer and a short follow-up fit; 20 sentences do not
+    monkeypatch.setattr(model.config, "max_position_embeddings", limit)
+    sent = record_sent(monkeypatch, answer="Hello.")
+    feed(monkeypatch, ["Hi", "Tell me about the heart. " * 20, "Thanks", "/quit"])
+    serve.repl(model, tok, GenConfig(max_new_tokens=4))
+    out = capsys.readouterr().out
+    assert "(not sent: the conversation is " in out
+    assert f"over the model's context of {limit}; /reset to start over)" in out
+    assert len(sent) == 2 and out.count("medlora> ") == 2
+    asked = [m["content"] for m in sent[1] if m["role"] == "user"]
+    assert asked == ["Hi", "Thanks"]  # the first turn kept, the one too long dropped
+
+
+def test_prompt_past_the_context_is_an_error(ours, monkeypatch, capsys):
+    import serve
+
+    model, tok = ours
+    monkeypatch.setattr(serve, "build", lambda args: (model, tok, {}))
+    too_many = str(model.config.max_position_embeddings - 2)
+    assert serve.main(["--prompt", "What is anemia?", "--max-new-tokens", too_many]) == 2
+    err = capsys.readouterr().err
+    assert "error: --prompt: the conversation is" in err and "Traceback" not in err
+
+
+def test_repl_commands_say_what_they_do(ours, monkeypatch, capsys):
+    """A second /system replaces the first and says so; /system clear; /reset keeps the /system text;
+    /systemX and /usr/bin... are unknown commands (not sent, no help dump); //TEXT sends /TEXT."""
+    import serve
+    from medlora.generate import GenConfig
+
+    model, tok = ours
+    sent = record_sent(monkeypatch, answer="ok")
+    question = "/usr/bin is where programs live, right?"
+    feed(monkeypatch, ["/system Be brief.", "/system Be very brief.", "/systemX", question, "/" + question,
+                       "/reset", "/reset now", "/system clear", "/system clear", "Hi", "/quit"])
+    serve.repl(model, tok, GenConfig(max_new_tokens=4))
+    out = capsys.readouterr().out.split(serve.HELP, 1)[1]  # after the banner
+    assert [line for line in out.splitlines() if line.startswith("(")] == [
+        "(added after the safety system prompt)", "(replaced the earlier /system text)",
+        "(unknown command /systemX; /help lists them; start with // to send a line beginning with /)",
+        "(unknown command /usr/bin; /help lists them; start with // to send a line beginning with /)",
+        "(conversation cleared; the /system text stays: /system clear removes it)", "(/reset takes nothing after it)",
+        "(the /system text is removed)", "(there is no /system text)"]
+    assert "commands:" not in out and len(sent) == 2
+    system = [m["content"] for m in sent[0] if m["role"] == "system"][0]
+    assert system.endswith("\n\nBe very brief.") and "Be brief." not in system and sent[0][-1]["content"] == question
+    assert [m["content"] for m in sent[1]][1:] == ["Hi"] and "brief" not in sent[1][0]["content"]
 
 
 def test_serve_and_eval_default_to_no_repeat_4gram():
@@ -50,7 +130,7 @@ def test_bad_flags_fail_before_loading():
     assert r.returncode == 2 and "--port, --max-batch only apply with --http" in r.stderr, r.stderr
 
 
-def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys):
+def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys, tmp_path):
     """eval.py and serve.py say so when a flag given would change nothing, instead of ignoring it."""
     import torch
 
@@ -61,7 +141,9 @@ def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys):
     with pytest.raises(SystemExit) as e:
         eval_cli.parse_args(["--adapter", adapter, "--base-model", "bundled", "--model", "x/y"])
     assert e.value.code == 2 and "--model is not used" in capsys.readouterr().err
-    eval_cli.parse_args(["--adapter", adapter, "--prompts", "p.jsonl", "--limit", "5"])
+    prompts = tmp_path / "p.jsonl"  # (eval.py reads a --prompts file when parsing: a bad one fails early)
+    prompts.write_text('{"prompt": "What is anemia?"}\n')
+    eval_cli.parse_args(["--adapter", adapter, "--prompts", str(prompts), "--limit", "5"])
     assert "warning: --prompts replaces the built-in parts: --limit do nothing" in capsys.readouterr().err
     eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--top-p", "0.5", "--seed", "1"])
     assert "--top-k, --top-p: no effect, decoding is greedy" in capsys.readouterr().err  # (eval's seed picks rows)

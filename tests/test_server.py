@@ -584,3 +584,27 @@ def test_bad_http_flags_fail_before_loading():
         r = subprocess.run([sys.executable, "serve.py", "--http", *flags], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and "[medlora] model:" not in r.stderr, (flags, r.stderr)
+
+
+def test_bad_feedback_file_and_taken_port_fail_at_startup(ours, tmp_path, monkeypatch, capsys):
+    """A --feedback-file that cannot take records is an error at startup (it was a 500 on the first feedback
+    POST), before the model loads; a taken port is one error, not a "serving" line and then the bind error."""
+    import serve
+    from medlora.server import Settings, feedback_problem
+    from medlora.server import serve as run_server
+
+    monkeypatch.setattr(serve, "build", lambda args: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--http", "--feedback-file", str(tmp_path)])
+    assert e.value.code == 2 and f"--feedback-file {tmp_path}: is a folder" in capsys.readouterr().err
+    assert feedback_problem(tmp_path / "new" / "feedback.jsonl") is None  # missing folders are made on append
+    model, tok = ours
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = ((tmp_path, "is a folder"), (tmp_path / "f.jsonl", f"cannot listen on 127.0.0.1:{port}"))
+        for feedback, error in cases:
+            with pytest.raises(SystemExit) as e:
+                run_server(model, tok, Settings(feedback_file=str(feedback)), "127.0.0.1", port)
+            assert error in str(e.value.code) and "serving" not in capsys.readouterr().out
