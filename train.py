@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--patience", type=nonneg_int, default=5, help="evaluations without improvement; 0 = off")
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>-r<rank>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its "
+                                                            "checkpoint, metrics and adapters are deleted first)")
     g.add_argument("--sanity", action="store_true", help="overfit ~200 rows quickly and check the basics (its "
                    "settings fill in the flags not given: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SANITY.items()) + ")")
     g.add_argument("--dry-run", action="store_true", help="print trainable parameters, memory estimate, tokens "
@@ -139,6 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"without it: --no-{kind}-data)")
     if args.resume and not args.out:
         p.error("--resume needs --out (the run folder to continue)")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite deletes it: choose one")
+    missing = [x for x in args.extra_data if not Path(x).is_file()]
+    if missing:
+        p.error(f"--extra-data {missing[0]}: no such file")
     if args.dtype == "float16":
         p.error("--dtype float16 is not supported for training (no loss scaling); use bfloat16")
     return args
@@ -179,7 +186,26 @@ RESUME_FIXED = [("--model", ("model", "sha256")), ("--data", ("data", "sha256"))
                 ("--rank", ("lora", "rank")), ("--alpha", ("lora", "alpha")), ("--dropout", ("lora", "dropout")),
                 ("--targets", ("lora", "targets")), ("--rslora", ("lora", "use_rslora")), ("--lr", ("train", "lr")),
                 ("--weight-decay", ("train", "weight_decay")), ("--warmup-steps", ("train", "warmup_steps")),
-                ("--schedule", ("train", "schedule"))]
+                ("--schedule", ("train", "schedule")), ("--clip", ("train", "clip")),
+                ("--val-rows", ("train", "val_rows")),  # (best-so-far is compared on the same rows)
+                ("the training examples (--limit-rows, --question-col, --answer-col: their token count)",
+                 ("data", "train", "tokens"))]
+
+
+# What a run writes into its folder; --overwrite deletes exactly these (nothing else the user keeps there).
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl", "split.json", "summary.json", "loss.png", "git.diff",
+             "adapter", "best_adapter")
+
+
+def clear_run(run_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def resume_changes(was: dict, now: dict) -> list[str]:
@@ -209,6 +235,8 @@ def resume_changes(was: dict, now: dict) -> list[str]:
             if [(x.get("sha256"), x.get("weight")) for x in old] != [(x.get("sha256"), x.get("weight")) for x in new]:
                 out.append(f"{flag} {show(old)} (now {show(new)})")
             continue
+        if path == ("lora", "targets") and isinstance(old, list) and isinstance(new, list):
+            old, new = sorted(old), sorted(new)  # q_proj,v_proj = v_proj,q_proj
         if old is not missing and old != new:
             out.append(f"{flag} {show(old)} (now {show(new)})")
     return out
@@ -280,7 +308,8 @@ def sanity_checks(model, tok, ds, metrics_path: Path, device) -> dict:
     from medlora.generate import GenConfig, generate
     from medlora.tokenizer import with_safety_prompt
 
-    losses = [json.loads(x)["loss"] for x in metrics_path.read_text().splitlines() if '"train"' in x]
+    losses = [r["loss"] for r in map(json.loads, metrics_path.read_text().splitlines())
+              if r["kind"] == "train" and r.get("loss") is not None]  # (a batch skipped by --on-nan skip has none)
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     model.eval()
@@ -355,9 +384,12 @@ def main(argv=None) -> int:
         return 2
     dist = distributed.setup(device)  # under torchrun: joins the job; CUDA becomes cuda:LOCAL_RANK
     try:
-        return run(args, argv, lora_cfg, tcfg, dist)
-    finally:
-        distributed.shutdown(dist)
+        code = run(args, argv, lora_cfg, tcfg, dist)
+    except BaseException:  # this rank failed alone: leave without waiting for the others at a barrier
+        distributed.shutdown(dist, wait=False)
+        raise
+    distributed.shutdown(dist)
+    return code
 
 
 def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
@@ -380,7 +412,13 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     def check_run_dir() -> str | None:
         if args.resume and not (run_dir / "checkpoint.pt").exists():
             return f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}"
+        held = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if held and not args.resume and not args.overwrite:  # a re-run must never silently replace a run
+            return (f"--out {run_dir} already holds a run ({', '.join(held)}): continue it with --resume, "
+                    f"start over with --overwrite, or choose another --out")
         try:
+            if args.overwrite:
+                clear_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"
             probe.write_text("ok")
@@ -500,6 +538,15 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
         (run_dir / "split.json").write_text(json.dumps(split))
         if fresh:
             (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+        else:  # the record keeps how the run started, plus each resume: when, how, and what it changed
+            was = json.loads((run_dir / "config.json").read_text())
+            changed = {k: [was.get("train", {}).get(k), v] for k, v in record["train"].items()
+                       if was.get("train", {}).get(k) != v}
+            was.setdefault("resumes", []).append({"started": record["started"], "command": record["command"],
+                                                  "git": record["git"], "changed": changed})
+            tmp = run_dir / "config.json.tmp"
+            tmp.write_text(json.dumps(was, indent=2))
+            os.replace(tmp, run_dir / "config.json")
 
     dist.on_main(write_records)
     say(f"[medlora] LoRA r={lora_cfg.rank} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: "
@@ -552,6 +599,9 @@ def print_summary(summary: dict, args: argparse.Namespace, run_dir: Path, argv, 
     if math.isfinite(summary["best_val"]):
         print(f"best val loss {summary['best_val']:.4f} (ppl {math.exp(summary['best_val']):.2f}) at step "
               f"{summary['best_step']}{'  [stopped early]' if summary['stopped_early'] else ''}")
+        if summary["best_val"] >= summary.get("base_val", math.inf):
+            print(f"warning: no evaluation beat the base model (val loss {summary['base_val']:.4f}): best_adapter/ "
+                  f"is worse than no adapter; lower --lr (or check the data)")
     print(f"run folder {run_dir}: adapter/, {'best_adapter/, ' if summary['best_adapter'] else ''}loss.png, "
           f"metrics.jsonl, config.json, checkpoint.pt")
     if summary["interrupted"]:

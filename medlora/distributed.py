@@ -166,10 +166,13 @@ def setup(device: torch.device) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=device, backend=tdist.get_backend())
 
 
-def shutdown(dist: Dist) -> None:
+def shutdown(dist: Dist, wait: bool = True) -> None:
+    """Leave the process group. `wait`: every rank arrives first (gloo aborts on a peer's early exit);
+    a rank leaving by an exception of its own does not wait, since the others may never arrive."""
     if dist.active and tdist.is_initialized():
-        try:  # every rank arrives before the group is torn down: gloo aborts on a peer's early exit
-            tdist.barrier()
-        except RuntimeError:
-            pass
+        if wait:
+            try:
+                tdist.barrier()
+            except RuntimeError:
+                pass
         tdist.destroy_process_group()

@@ -310,7 +310,7 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    tr = [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
+    tr = [(r["step"], r["loss"]) for r in recs if r["kind"] == "train" and r.get("loss") is not None]
     va = [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "val"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if tr:
@@ -407,6 +407,9 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, global_batch, 0)) / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    if cfg.warmup_steps >= total and not resume:
+        say(f"[medlora] warning: --warmup-steps {cfg.warmup_steps} >= the run's {total} steps: the learning rate "
+            f"never reaches --lr")
     val = ds.val[: cfg.val_rows]
     state = {"step": 0, "epoch": 0, "pos": 0, "best_val": float("inf"), "best_step": 0, "bad_evals": 0,
              "tokens": 0, "supervised": 0, "elapsed": 0.0, "stopped_early": False}
@@ -438,6 +441,17 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else c["rng"])
         state.update(c["state"])
         saved_step = state["step"]
+        if state["stopped_early"]:
+            was = c.get("train_config", {}).get("patience")
+            if cfg.patience and (was is None or cfg.patience <= was):
+                say(f"[medlora] this run stopped early at step {state['step']} (no better validation in {was} "
+                    f"evaluations); nothing to do: raise --patience (or 0) to train on")
+                total = state["step"]
+            else:
+                state["stopped_early"] = False
+        if state["step"] >= total and not state["stopped_early"]:
+            say(f"[medlora] the run is already at step {state['step']} of {total}: nothing to train "
+                f"(raise --max-steps or --epochs to train on)")
         if main and metrics_path.exists():
             _trim_metrics(metrics_path, state["step"])
         say(f"[medlora] resumed from {ckpt_path} at step {state['step']}")
@@ -455,10 +469,20 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
              "train_config": asdict(cfg), "lora_config": asdict(lora_cfg)}, ckpt_path))
         saved_step = state["step"]
 
+    def write(fn, what: Path) -> None:
+        """A file write on rank 0 whose failure (a full disk) stops every rank with exit 4 and the path,
+        rather than a traceback on one rank while the others wait in the next collective."""
+        try:
+            dist.on_main(fn)
+        except OSError as e:
+            kept = f"; the last checkpoint, {ckpt_path} (step {saved_step}), is kept" if saved_step is not None else ""
+            raise ckpt.CheckpointError(f"cannot write {what}: {e.strerror or e}{kept}") from None
+
     def record(**rec) -> None:
-        if main:
+        def append() -> None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        write(append, metrics_path)
 
     stop_signal: list[str] = []
 
@@ -486,44 +510,45 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
             if dist.any(bool(stop_signal)):
                 interrupted = True
                 break
-            micro = []
+            micro, mine_all = [], []
             for _ in range(cfg.grad_accum):
                 epoch, pos, rows = next(stream)
                 mine = dist.shard(rows)  # this rank's rows of the global batch (all of it in one process)
+                mine_all += mine  # (real tokens come from the lengths: the pad id is also <|im_end|>'s id)
                 if mine:
                     micro.append(collate([ds.train[i] for i in mine], pad_id))
                 state["epoch"], state["pos"] = epoch, pos + 1
             # The step's supervised tokens over all ranks (the loss divisor) and real tokens (for tok/s).
-            n_sup, n_tok = dist.sum_ints(supervised_tokens(micro),
-                                         sum(int((ids != pad_id).sum()) for ids, _ in micro))
+            n_sup, n_tok = dist.sum_ints(supervised_tokens(micro), sum(lengths[i] for i in mine_all))
             step_t = time.time()
             loss_val, n_sup = accumulate_gradients(model, micro, cfg.precision, device, n_sup, dist, cfg.share_prefix)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             # Loss and gradients are all-reduced, so every rank takes the same branch here.
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+            if not finite and cfg.nan_policy == "stop":
                 opt.zero_grad(set_to_none=True)
-                if cfg.nan_policy == "stop":
-                    kept = (f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
-                            if saved_step is not None else "no checkpoint had been saved yet")
-                    raise FloatingPointError(f"loss/gradient is not finite at step {state['step'] + 1} "
-                                             f"(loss={loss_val}, grad_norm={grad_norm}); {kept}. Lower --lr "
-                                             f"and start again, or continue past bad batches with --on-nan skip "
-                                             f"(plus --resume to continue from the checkpoint).")
+                kept = (f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
+                        if saved_step is not None else "no checkpoint had been saved yet")
+                raise FloatingPointError(f"loss/gradient is not finite at step {state['step'] + 1} "
+                                         f"(loss={loss_val}, grad_norm={grad_norm}); {kept}. Lower --lr "
+                                         f"and start again, or continue past bad batches with --on-nan skip "
+                                         f"(plus --resume to continue from the checkpoint).")
+            lr = sched.get_last_lr()[0]  # the rate this step uses (the scheduler then moves to the next one)
+            if finite:
+                opt.step()
+            else:  # --on-nan skip: no update, but the step still counts, evaluates and saves on schedule
                 say(f"[medlora] step {state['step'] + 1}: non-finite loss, batch skipped")
-                state["step"] += 1
-                sched.step()
-                continue
-            opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["tokens"] += n_tok
-            state["supervised"] += n_sup
+            state["tokens"] += n_tok if finite else 0
+            state["supervised"] += n_sup if finite else 0
             state["elapsed"] = time.time() - t0
             window = (window + [(time.time() - step_t, n_tok)])[-20:]
             tps = sum(n for _, n in window) / max(sum(t for t, _ in window), 1e-9)
-            record(kind="train", step=state["step"], loss=loss_val, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
-                   tokens=state["tokens"], supervised=state["supervised"], tok_per_s=tps, elapsed=state["elapsed"])
+            record(kind="train", step=state["step"], loss=loss_val if finite else None, lr=lr,
+                   grad_norm=grad_norm if finite else None, tokens=state["tokens"], supervised=state["supervised"],
+                   tok_per_s=tps, elapsed=state["elapsed"], **({} if finite else {"skipped": True}))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}", best_val=f"{state['best_val']:.3f}")
 
@@ -533,8 +558,9 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
                 record(kind="val", step=state["step"], val_loss=v, val_ppl=math.exp(min(v, 50)))
                 if v < state["best_val"]:
                     state.update(best_val=v, best_step=state["step"], bad_evals=0)
-                    dist.on_main(lambda: save_adapter(model, run_dir / "best_adapter", lora_cfg, base_model_id,
-                                                      {**(adapter_extra or {}), "step": state["step"], "val_loss": v}))
+                    write(lambda: save_adapter(model, run_dir / "best_adapter", lora_cfg, base_model_id,
+                                               {**(adapter_extra or {}), "step": state["step"], "val_loss": v}),
+                          run_dir / "best_adapter")
                 else:
                     state["bad_evals"] += 1
                 note(f"step {state['step']}: val loss {v:.4f} (ppl {math.exp(min(v, 50)):.2f}), "
@@ -544,7 +570,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
                     note(f"early stop: no improvement in {cfg.patience} evaluations")
                     save_checkpoint()
                     break
-                dist.on_main(lambda: plot_losses(metrics_path, run_dir / "loss.png"))
+                write(lambda: plot_losses(metrics_path, run_dir / "loss.png"), run_dir / "loss.png")
             if state["step"] % cfg.save_every == 0 or last:
                 save_checkpoint()
             if on_step is not None:  # tests and tools hook in here (e.g. to interrupt a run)
@@ -564,6 +590,6 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
                      {**(adapter_extra or {}), "step": state["step"]})
         plot_losses(metrics_path, run_dir / "loss.png")
 
-    dist.on_main(finish)
+    write(finish, run_dir / "adapter")
     return {**state, "total_steps": total, "interrupted": interrupted, "minutes": state["elapsed"] / 60,
             "world_size": dist.world_size, "rows_per_step": global_batch * cfg.grad_accum}

@@ -56,6 +56,9 @@ def worker(out: Path, batch_size: int, resume: bool, stop_at: int | None, stop_r
     def on_step(state):  # a signal that reaches one rank only: the ranks must still stop together
         if stop_at and state["step"] == stop_at and dist.rank == stop_rank:
             os.kill(os.getpid(), signal.SIGTERM)
+        if state["step"] == int(os.environ.get("FAULT_METRICS_AT", "0")) and dist.is_main:
+            (out / "metrics.jsonl").unlink()  # rank 0's next append fails (a full disk, in effect)
+            (out / "metrics.jsonl").mkdir()
 
     try:
         summary = train(lora_model(), dataset(), config(batch_size), LoRAConfig(rank=4, alpha=8), out, pad_id=2,
@@ -182,11 +185,16 @@ def test_train_cli_under_torchrun(tmp_path):
     assert one.returncode == 2 and "written by a run of 2 process(es)" in one.stderr, one.stderr[-2000:]
 
 
-if __name__ == "__main__":  # a torchrun worker: test_distributed.py OUT BATCH [--resume] [--stop-at N]
-    sys.path.insert(0, str(Path(__file__).parent))
-    a = sys.argv[1:]
-    stop = int(a[a.index("--stop-at") + 1]) if "--stop-at" in a else None
-    worker(Path(a[0]), int(a[1]), "--resume" in a, stop, stop_rank=1)
+def test_a_failed_write_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone writes metrics; when that fails, every rank must stop with the error (exit 4 in train.py),
+    not leave the other rank waiting in the next all-reduce until gloo's 30-minute timeout."""
+    os.environ["FAULT_METRICS_AT"] = "3"
+    try:
+        r = torchrun(__file__, str(tmp_path / "run"), "2", timeout=90)
+    finally:
+        del os.environ["FAULT_METRICS_AT"]
+    assert r.returncode != 0 and r.stderr.count("CheckpointError: cannot write") == 2, r.stderr[-3000:]
+    assert ckpt.load(tmp_path / "run" / "checkpoint.pt")["state"]["step"] == 2  # save_every=2: kept
 
 
 def test_a_gpu_number_under_torchrun_is_refused_not_ignored(monkeypatch):
@@ -197,3 +205,11 @@ def test_a_gpu_number_under_torchrun_is_refused_not_ignored(monkeypatch):
         monkeypatch.setenv(key, value)
     assert "CUDA_VISIBLE_DEVICES" in device_problem(torch.device("cuda", 1))
     assert device_problem(torch.device("cuda")) is None and device_problem(torch.device("cpu")) is None
+
+
+if __name__ == "__main__":  # a torchrun worker: test_distributed.py OUT BATCH [--resume] [--stop-at N]
+    sys.path.insert(0, str(Path(__file__).parent))
+    a = sys.argv[1:]
+    stop = int(a[a.index("--stop-at") + 1]) if "--stop-at" in a else None
+    worker(Path(a[0]), int(a[1]), "--resume" in a, stop, stop_rank=1)
+

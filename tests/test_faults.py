@@ -15,6 +15,7 @@ import random
 import re
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -230,9 +231,50 @@ def test_nan_skip_drops_the_batch_and_goes_on(tmp_path, monkeypatch):
     nan_at_step(monkeypatch, 4)
     out, model = tiny_run(tmp_path / "run", steps=8, nan_policy="skip")
     assert out["step"] == 8 and not out["interrupted"]
-    steps = [s for s, _ in train_losses(tmp_path / "run")]
-    assert steps == [0, 1, 2, 3, 5, 6, 7, 8, 8]  # step 0 and the last are validation records too
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 8]  # step 0 and the last are validation records too
+    assert recs[4]["skipped"] and recs[4]["loss"] is None  # the skipped batch is on record
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_skipped_last_step_still_evaluates_and_saves(tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 8)
+    out, _ = tiny_run(tmp_path / "run", steps=8, nan_policy="skip", eval_every=4, save_every=4)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [0, 4, 8]
+    assert ckpt.load(tmp_path / "run" / "checkpoint.pt")["state"]["step"] == 8 == out["step"]
+
+
+@pytest.mark.parametrize("target", ["metrics.jsonl", "best_adapter"])
+def test_a_failed_write_outside_the_checkpoint_is_a_checkpoint_error(tmp_path, target):
+    """A full disk while writing metrics or the best adapter: the same clear error (train.py: exit 4) as a
+    failed checkpoint write, naming the path and the checkpoint that is kept, not a traceback."""
+    def break_target(state):
+        if state["step"] == 2:
+            path = tmp_path / "run" / target
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            path.mkdir() if target == "metrics.jsonl" else path.write_text("in the way")
+
+    with pytest.raises(ckpt.CheckpointError, match=rf"cannot write .*{target}: .*\(step 2\), is kept"):
+        tiny_run(tmp_path / "run", steps=6, eval_every=1, on_step=break_target)
+
+
+def test_a_rerun_never_replaces_a_run_silently(tmp_path, capsys):
+    import train as train_cli
+
+    run = tmp_path / "run"
+    (run / "best_adapter").mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"step 6")
+    (run / "config.json").write_text("{}")
+    (run / "notes.txt").write_text("the user's own file")
+    assert train_cli.main(["--out", str(run)]) == 2
+    assert "already holds a run (checkpoint.pt, config.json, best_adapter)" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == b"step 6"
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--out", str(run), "--resume", "--overwrite"])
+    assert "choose one" in capsys.readouterr().err
+    train_cli.clear_run(run)  # what --overwrite does first: the run's own files only
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+from dataclasses import replace
 import sys
 
 import pytest
@@ -108,6 +109,16 @@ def test_early_stopping(tmp_path):
                       schedule="constant", nan_policy="skip")  # absurd lr: validation gets worse
     out = train(lora_model(), ds, cfg, LoRAConfig(rank=4, alpha=8), tmp_path / "es", 2, "tiny", log=lambda *a: None)
     assert out["stopped_early"] and out["step"] < 40 and out["best_step"] < out["step"]
+    # Resuming a run that stopped early does not train on (it trained one more interval before) ...
+    lines = (tmp_path / "es" / "metrics.jsonl").read_text()
+    again = train(lora_model(), ds, cfg, LoRAConfig(rank=4, alpha=8), tmp_path / "es", 2, "tiny", resume=True,
+                  log=lambda *a: None)
+    assert again["step"] == out["step"] and again["stopped_early"]
+    assert (tmp_path / "es" / "metrics.jsonl").read_text() == lines
+    # ... unless --patience is raised
+    more = train(lora_model(), ds, replace(cfg, patience=4), LoRAConfig(rank=4, alpha=8), tmp_path / "es", 2, "tiny",
+                 resume=True, log=lambda *a: None)
+    assert more["step"] > out["step"]
 
 
 def cli(*args, timeout=900):
@@ -215,16 +226,24 @@ def test_resume_refuses_settings_that_would_make_another_run(tmp_path, gguf_path
     del old_run["data"]["prep_version"]
     (out / "config.json").write_text(json.dumps(old_run))
     r = cli(*base, "--max-steps", "2", "--resume", "--lr", "1e-3", "--alpha", "32", "--val-fraction", "0.2",
-            "--max-seq-len", "300", timeout=300)
+            "--max-seq-len", "300", "--clip", "0.5", "--val-rows", "3", "--limit-rows", "42", timeout=300)
     (out / "config.json").write_text(record)
     assert r.returncode == 2 and "--init-adapter" in r.stderr, r.stderr[-2000:]
     for msg in ("--lr 0.0002 (now 0.001)", "--alpha 16.0 (now 32.0)", "the held-out split", "--max-seq-len 256 (now 300)",
-                "data preparation version 1 (this medlora makes version 2"):
+                "data preparation version 1 (this medlora makes version 2", "--clip 1.0 (now 0.5)",
+                "--val-rows 2 (now 3)", "the training examples (--limit-rows"):
         assert msg in r.stderr, (msg, r.stderr[-2000:])
     r = cli(*base, "--max-steps", "2", "--resume", "--weight-decay", "0.1", timeout=300)  # was silently the old one
     assert r.returncode == 2 and "--weight-decay 0.0 (now 0.1)" in r.stderr, r.stderr[-2000:]
-    r = cli(*base, "--max-steps", "2", "--resume", "--eval-every", "1")  # run settings may change
+    r = cli(*base, "--max-steps", "2", "--resume", "--eval-every", "1",  # run settings may change; targets' order too
+            "--targets", "v_proj,up_proj,q_proj,o_proj,k_proj,gate_proj,down_proj")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["step"] == 2
+    resumed = json.loads((out / "config.json").read_text())  # the record keeps its start and adds the resume
+    assert resumed["command"] == old_run["command"] and len(resumed["resumes"]) == 1
+    assert resumed["resumes"][0]["changed"] == {"max_steps": [1, 2], "eval_every": [50, 1]}
+    r = cli(*base, "--max-steps", "2")  # the same command again, without --resume: never silently replaced
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["step"] == 2
 
 
