@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     import torch
 
     from medlora import evaluate as ev
-    from medlora.data import Example, build_examples
+    from medlora.data import Example, build_examples, sample_rows
     from medlora.generate import GenConfig
     from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter
     from medlora.trainer import evaluate_loss
@@ -262,7 +262,8 @@ def main(argv=None) -> int:
             rng = random.Random(args.seed)
             sample = rng.sample(val, min(args.limit, len(val)))
             inputs["heldout"] = {"questions": [r.question for r in sample], "refs": [r.answer for r in sample],
-                                 "loss_rows": val[: args.loss_rows], "note": split_note, "data": data_info}
+                                 "loss_rows": sample_rows(val, args.loss_rows, args.seed), "note": split_note,
+                                 "data": data_info}
         for part, fname, lim in (("general", "eval_general.jsonl", args.general_limit),
                                  ("medical", "eval_medical.jsonl", args.medical_limit),
                                  ("safety", "safety_probes.jsonl", args.safety_limit)):

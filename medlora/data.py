@@ -316,7 +316,9 @@ def row_messages(question: str, answer: str | None = None, system_prompt: str = 
 # 2: truncated answers end at a sentence, line or word boundary (1 cut mid-word when no sentence ended
 # in the answer's second half), rows holding a chat control token are left out, and the split groups
 # question topics by topic_key (1 let ~3% of held-out rows share a condition with training rows).
-PREP_VERSION = 2
+# 3: --limit-rows takes a seeded random sample of the training and held-out rows (2 took the head of each:
+# 360 of the README's 400 rows were cancer pages), and periodic validation uses a seeded sample of --val-rows.
+PREP_VERSION = 3
 
 
 def _truncate_answers(tok: ChatTokenizer, rows: list[Row], max_len: int) -> list[str | None]:
@@ -496,6 +498,14 @@ def _mix_in(kind: str, path: str | os.PathLike, weight: float, train: list[Examp
     return train
 
 
+def sample_rows(rows: list, k: int, seed: int) -> list:
+    """k of `rows`, drawn at random (seeded) and kept in their order. MedQuAD's file is sorted by source
+    and topic, so its first rows are one kind (cancer and GARD pages): a head would be a biased sample."""
+    if k >= len(rows):
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), k))]
+
+
 def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Question", answer_col: str = "Answer",
             max_len: int = 1024, long_rows: str = "drop", val_fraction: float = 0.1, seed: int = 0,
             limit_rows: int | None = None, extra: list[str] | None = None, extra_weight: float = 1.0,
@@ -514,7 +524,7 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
     held_out = held_out_keys(val_rows)  # every held-out row, also those a --limit-rows run leaves unused
     if limit_rows:  # after the split, so a small run's validation rows are still held out
         n_val = max(1, round(limit_rows * val_fraction)) if val_fraction > 0 else 0
-        train_rows, val_rows = train_rows[: limit_rows - n_val], val_rows[:n_val]
+        train_rows, val_rows = sample_rows(train_rows, limit_rows - n_val, seed), sample_rows(val_rows, n_val, seed)
     train = build_examples(train_rows, tok, max_len, long_rows, counts)
     val = build_examples(val_rows, tok, max_len, long_rows, Counter())
     for path in extra or []:

@@ -15,7 +15,11 @@ prompt with the same n-gram rules as `medlora.safety_data` (exact or near copies
 answered greedily by the base model under the safe system prompt (the prompt training uses), and
 kept only if the answer is one we would want to rehearse: it ends its turn, has no repeated
 4-gram, does not wander into medical talk, and, where the prompt has a checkable answer (a
-capital, a sum), contains it. The rest are counted and dropped. Each record says which base model
+capital, a sum), contains it; and nothing checkable around it is wrong: in the arithmetic and
+ordering answers every number is the question's or the answer's and every stated sum holds (no
+"multiply 5 by itself, which is 50. So 5 times 7 is 35"), and a hand review's list of wrong claims
+(`KNOWN_WRONG`: "Dublin, which is also the capital of the United Kingdom") is dropped. The rest
+are counted and dropped. Each record says which base model
 wrote it; with another base model the file is still ordinary general chat data, just not its own.
 
 The prompts are seeded (`random.Random(seed)`); the answers are the base model's greedy decoding
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -32,13 +37,14 @@ from pathlib import Path
 from .safety_data import admit, eval_prompts, write_jsonl
 
 COUNTRIES = [("Germany", "Berlin"), ("Spain", "Madrid"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
-             ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Brazil", "Bras"), ("Argentina", "Buenos Aires"),
+             ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Brazil", "Brasília"), ("Argentina", "Buenos Aires"),
              ("Russia", "Moscow"), ("China", "Beijing"), ("India", "New Delhi"), ("Mexico", "Mexico City"),
              ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Sweden", "Stockholm"), ("Norway", "Oslo"),
              ("Ireland", "Dublin"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Thailand", "Bangkok"),
              ("South Korea", "Seoul"), ("Turkey", "Ankara"), ("Peru", "Lima"), ("Finland", "Helsinki"),
              ("Denmark", "Copenhagen"), ("the Netherlands", "Amsterdam"), ("Belgium", "Brussels"),
              ("Hungary", "Budapest"), ("Chile", "Santiago"), ("Vietnam", "Hanoi"), ("Cuba", "Havana")]
+COUNTRY_ACCEPT = {"Brasília": ["brasília", "brasilia"]}  # spellings a right answer may use
 CAPITAL_Q = ["Which city is the capital of {c}?", "Name the capital city of {c}.", "{c}'s capital is which city?",
              "Can you tell me the capital of {c}?"]
 
@@ -116,7 +122,7 @@ CODE = [("What does CSS stand for?", ["cascading style sheets"]),
         ("In JavaScript, how do you write a single-line comment?", ["//"]),
         ("What does the git command 'git clone' do?", []),
         ("Write a Python function that checks whether a number is even.", ["def "]),
-        ("Write a Python loop that prints the numbers from 1 to 5.", ["for ", "range"]),
+        ("Write a Python loop that prints the numbers from 1 to 5.", ["range(1, 6)", "range(1,6)"]),
         ("What is a variable in programming?", []),
         ("What is the difference between a compiler and an interpreter?", []),
         ("Write a SQL query that counts the rows in a table named orders.", ["count("]),
@@ -124,7 +130,7 @@ CODE = [("What does CSS stand for?", ["cascading style sheets"]),
         ("What does JSON stand for?", ["javascript object notation"]),
         ("Write a Python function that returns the largest number in a list.", ["def "]),
         ("What is an API?", []),
-        ("In Python, what does 'hello'.upper() return?", ["hello"]),
+        ("In Python, what does 'hello'.upper() return?", ["'HELLO'", '"HELLO"']),  # (capitals: case counts)
         ("How do you create an empty dictionary in Python?", ["{}", "dict()"])]
 
 
@@ -162,7 +168,8 @@ def make_prompts(n: int, seed: int = 0, references: list[str] | None = None) -> 
     """Up to n unique, decontaminated prompts: [{"prompt", "category", "accept"}]."""
     refs = eval_prompts(_eval_files()) if references is None else references
     r = random.Random(seed)
-    fixed = ([("fact", CAPITAL_Q[i % len(CAPITAL_Q)].format(c=c), [cap.lower()]) for i, (c, cap) in enumerate(COUNTRIES)]
+    fixed = ([("fact", CAPITAL_Q[i % len(CAPITAL_Q)].format(c=c), COUNTRY_ACCEPT.get(cap, [cap.lower()]))
+              for i, (c, cap) in enumerate(COUNTRIES)]
              + [("fact", q, a) for q, a in FACTS] + [("coding", q, a) for q, a in CODE]
              + [("writing", m, []) for m in MESSAGES]
              + [("writing", w.format(t=t), []) for t in WRITING_TOPICS for w in r.sample(WRITING, 2)]
@@ -188,7 +195,43 @@ def _eval_files() -> list[Path]:
     return [root / "safety_probes.jsonl", root / "eval_medical.jsonl", root / "eval_general.jsonl"]
 
 
-def keep_answer(text: str, ended: bool, accept: list[str]) -> str | None:
+# Wrong claims found by reading the kept answers (a hand review of the file): an answer that contains the
+# accepted word can still be wrong around it. Lower-case phrases; any answer containing one is dropped.
+KNOWN_WRONG = ["also the capital of", "but it's not a prime number"]
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.]*\d)")
+_RESULT = {"plus": lambda a, b: a + b, "+": lambda a, b: a + b, "minus": lambda a, b: a - b, "-": lambda a, b: a - b,
+           "times": lambda a, b: a * b, "*": lambda a, b: a * b, "x": lambda a, b: a * b, "×": lambda a, b: a * b,
+           "divided by": lambda a, b: a / b, "÷": lambda a, b: a / b, "/": lambda a, b: a / b}
+_CLAIM = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|\*|x|×|divided by|÷|/)\s*\$?(\d+)\s*(?:=|is|equals)\s*\$?(\d+)")
+
+
+def reasoning_problem(prompt: str, text: str, accept: list[str]) -> str | None:
+    """For the arithmetic and ordering prompts: a number that is neither in the prompt nor the answer
+    (an invented age, a wrong intermediate: "multiply 5 by itself, which is 50"), a false "a op b = c",
+    a wrong unit ("$24 cents"), or the wrong person named oldest or youngest."""
+    low = text.lower()
+    allowed = set(_NUMBER.findall(prompt)) | set(accept)
+    extra = [n for n in _NUMBER.findall(low) if n not in allowed]
+    if extra:
+        return f"number {extra[0]} is not in the question or the answer"
+    for a, op, b, c in _CLAIM.findall(low):
+        if float(b) != 0 and abs(_RESULT[op](float(a), float(b)) - float(c)) > 1e-9:
+            return f"false arithmetic: {a} {op} {b} = {c}"
+    if "$" in prompt and re.search(r"\bcents?\b", low):
+        return "cents for a price in dollars"
+    bought = re.search(r"buys \d+ (\w+) at \$", prompt)
+    if bought and any(re.search(rf"\b{re.escape(a)} {bought.group(1)}\b", low) for a in accept):
+        return f"the total is money, not {bought.group(1)}"
+    m = re.match(r"(\w+) is older than (\w+), and \2 is older than (\w+)", prompt)
+    if m:
+        named = {"oldest": m.group(1).lower(), "youngest": m.group(3).lower()}
+        for who, what in re.findall(r"\b(\w+) is the (oldest|youngest)\b", low):
+            if who != named[what]:
+                return f"{who} is not the {what}"
+    return None
+
+
+def keep_answer(text: str, ended: bool, accept: list[str], prompt: str = "", category: str = "") -> str | None:
     """Why an answer is not worth rehearsing, or None to keep it."""
     from .evaluate import contains_answer, has_repeated_ngram, medical_talk
 
@@ -200,8 +243,15 @@ def keep_answer(text: str, ended: bool, accept: list[str]) -> str | None:
         return "repeated 4-gram"
     if medical_talk(text):
         return "medical talk"
-    if accept and not contains_answer(text, accept):
+    case_sensitive = [a for a in accept if a != a.lower()]  # ('HELLO' is right, 'hello' is not)
+    if case_sensitive and not any(a in text for a in case_sensitive):
         return "wrong answer"
+    if accept and not case_sensitive and not contains_answer(text, accept):
+        return "wrong answer"
+    if any(phrase in text.lower() for phrase in KNOWN_WRONG):
+        return "wrong claim"
+    if category == "reasoning" and reasoning_problem(prompt, text, accept):
+        return "wrong reasoning"
     return None
 
 
@@ -236,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = [tok.encode_chat(with_safety_prompt([{"role": "user", "content": p["prompt"]}]), True) for p in batch]
             for p, g in zip(batch, generate(model, tok, ids, cfg)):
                 text = g.text.strip()
-                reason = keep_answer(text, g.finish_reason == "stop", p["accept"])
+                reason = keep_answer(text, g.finish_reason == "stop", p["accept"], p["prompt"], p["category"])
                 why[reason or "kept"] += 1
                 if reason is None:
                     records.append({"messages": [{"role": "user", "content": p["prompt"]},

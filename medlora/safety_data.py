@@ -86,8 +86,10 @@ ADULTS = [ME, ME, Persona("my mom", "my mom", "her", "she", "s", "has"),
           Persona("my grandmother", "my grandmother", "her", "she", "s", "has"),
           Persona("my brother", "my brother", "his", "he", "s", "has"),
           Persona("my roommate", "my roommate", "her", "she", "s", "has")]
-CHILDREN = ["my 3 year old", "my 2-year-old", "my toddler", "my 6 year old", "my 8-year-old son",
-            "my 5-year-old daughter", "my baby", "my 10 month old", "my 4 year old", "my little boy", "my kid"]
+CHILDREN = {  # child: weights in pounds a child like that could have
+    "my 3 year old": [28, 32], "my 2-year-old": [24, 28], "my toddler": [22, 26], "my 6 year old": [40, 46],
+    "my 8-year-old son": [50, 58], "my 5-year-old daughter": [36, 42], "my baby": [12, 16],
+    "my 10 month old": [18, 21], "my 4 year old": [32, 36], "my little boy": [30, 35], "my kid": [40, 50]}
 
 # ---------------------------------------------------------------------------------------------
 # Harmful categories: user templates and facts for the answers
@@ -153,8 +155,7 @@ OVERDOSE_CRISIS = [
 ]
 OVERDOSE_CLOSE = [
     "For questions about using {drug} safely, a pharmacist can go over the label with you.",
-    "If you're taking {drug} for pain or sleep and it isn't working, talk to your doctor or pharmacist about "
-    "safer options.",
+    "If {drug} isn't doing what you need it to, talk to your doctor or pharmacist about safer options.",
 ]
 
 LESIONS = [  # (lesion, body parts, risk sentence, who treats it)
@@ -429,6 +430,9 @@ SELF_HARM_FRIEND_ANSWER = [
     "shouldn't have to handle it alone.",
 ]
 
+# Medicines a child should not be given at all without a doctor's say-so: their answers close by saying
+# so, not with "use a product made for children and follow its dosing chart".
+CHILD_AVOID = {"Benadryl", "cough and cold medicine", "melatonin", "aspirin"}
 CHILD_DRUGS = [  # (drug, what makes it tricky)
     ("children's acetaminophen", "Liquid acetaminophen comes in more than one strength, so the right amount "
      "depends on the child's weight and the exact product."),
@@ -460,6 +464,15 @@ CHILD_OPEN = [
     "I can't give a specific dose for a child.",
     "I'm not able to calculate a dose for your child, because getting it wrong is easy and can be dangerous.",
     "It's safest not to guess here, so I won't suggest an amount.",
+]
+CHILD_CLOSE_AVOID = [
+    "Please don't give it unless your pediatrician says to: ask your pediatrician or a pharmacist what is safe for "
+    "your child's age and weight instead; many offices and pharmacies have a nurse line. If a child may have "
+    "taken some already, call Poison Control (1-800-222-1222) or 911.",
+    "It's best not to give it at all without your pediatrician's advice. Their office or a pharmacist can suggest "
+    "what is safe for your child, and you should call your doctor promptly about fever in a baby under three "
+    "months. If a child has swallowed some, contact Poison Control (1-800-222-1222 in the US) or your local "
+    "emergency number right away.",
 ]
 CHILD_CLOSE = [
     "Use a product made for children, follow the dosing chart on its label for your child's weight, and "
@@ -593,7 +606,7 @@ LABEL_USER = {
     "limit": ["Why does the {drug} label list a maximum amount for each day?",
               "What does 'do not exceed the recommended dose' mean on a {drug} package?",
               "Why is there a daily limit printed on {drug}?"],
-    "strength": ["Why do stores sell regular and extra strength {drug}?",
+    "strength": ["Why does {drug} come in different strengths?",
                  "What does the strength number on a {drug} label refer to?"],
     "ingredients": ["What's the difference between the active and inactive ingredients listed on {drug}?",
                     "Why does the {drug} label list an active ingredient separately?"],
@@ -790,8 +803,8 @@ MED_DRUGS = [  # (drug, interactions, side effects, alcohol)
      "magnesium and B12 levels", "Alcohol can irritate the stomach and worsen reflux, working against the "
      "medicine."),
     ("levothyroxine", "Calcium, iron, antacids and even coffee can reduce how much is absorbed, so timing "
-     "matters.", "few when the amount is right; a racing heart, shakiness, poor sleep or weight loss can mean "
-     "the amount needs adjusting", "Alcohol doesn't directly interact with it for most people."),
+     "matters.", "signs that the amount is off rather than problems of the medicine itself: a racing heart, "
+     "shakiness, poor sleep or weight loss can mean the amount needs adjusting", "Alcohol doesn't directly interact with it for most people."),
     ("amoxicillin", "It can interact with methotrexate and some blood thinners, and rashes are more common with "
      "allopurinol.", "diarrhea, nausea and rash; hives, swelling or trouble breathing can be an allergic "
      "reaction and need emergency care", "Moderate alcohol doesn't stop amoxicillin working, but it can make you "
@@ -910,9 +923,9 @@ def _self_harm(r: random.Random) -> tuple[str, str]:
 
 def _pediatric_dosing(r: random.Random) -> tuple[str, str]:
     drug, why = r.choice(CHILD_DRUGS)
-    child = r.choice(CHILDREN)
-    user = r.choice(CHILD_USER).format(drug=drug, child=child, Child=_cap(child), weight=r.choice([22, 28, 35, 40, 50]))
-    return user, _join(r.choice(CHILD_OPEN), why, r.choice(CHILD_CLOSE))
+    child = r.choice(sorted(CHILDREN))
+    user = r.choice(CHILD_USER).format(drug=drug, child=child, Child=_cap(child), weight=r.choice(CHILDREN[child]))
+    return user, _join(r.choice(CHILD_OPEN), why, r.choice(CHILD_CLOSE_AVOID if drug in CHILD_AVOID else CHILD_CLOSE))
 
 
 def _drug_combinations(r: random.Random) -> tuple[str, str]:
@@ -1099,7 +1112,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.n <= 0 or not 0 <= args.harmful_fraction <= 1:
         ap.error("--n must be positive and --harmful-fraction in [0, 1]")
-    records, counts = generate(args.n, args.seed, harmful_fraction=args.harmful_fraction)
+    try:
+        records, counts = generate(args.n, args.seed, harmful_fraction=args.harmful_fraction)
+    except RuntimeError as e:  # a category's templates cannot make that many different prompts
+        ap.error(f"--n {args.n}: {e}; ask for fewer examples")
     write_jsonl(records, args.out)
     per_cat = Counter(rec["category"] for rec in records)
     print(f"wrote {len(records)} examples to {args.out} (seed {args.seed})")

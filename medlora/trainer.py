@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, LoRAConfig
-from .data import Dataset, Example, bucketed_batches, collate
+from .data import Dataset, Example, bucketed_batches, collate, sample_rows
 from .distributed import SINGLE, Dist
 from .lora import adapter_state_dict, lora_modules, lora_parameters, save_adapter
 from .model import Llama
@@ -410,7 +410,7 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
     if cfg.warmup_steps >= total and not resume:
         say(f"[medlora] warning: --warmup-steps {cfg.warmup_steps} >= the run's {total} steps: the learning rate "
             f"never reaches --lr")
-    val = ds.val[: cfg.val_rows]
+    val = sample_rows(ds.val, cfg.val_rows, cfg.seed)  # a seeded sample of the held-out rows, not the file's head
     state = {"step": 0, "epoch": 0, "pos": 0, "best_val": float("inf"), "best_step": 0, "bad_evals": 0,
              "tokens": 0, "supervised": 0, "elapsed": 0.0, "stopped_early": False}
     torch.manual_seed(cfg.seed + dist.rank)  # ranks draw different dropout masks

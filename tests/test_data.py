@@ -169,6 +169,26 @@ def test_bucketed_batches_cover_everything_with_little_padding(ours):
     assert ds.info["split"]["val_rows"] == 60 and len(ds.val) <= 60
 
 
+def test_limit_rows_and_val_rows_sample_the_split_not_its_head(ours):
+    """MedQuAD's file is sorted by source: its first 400 rows are all cancer pages. --limit-rows (and the
+    trainer's --val-rows) take a seeded sample in file order, spread over the whole split."""
+    from medlora.data import clean_rows, load_source, sample_rows, split_rows
+
+    _, tok = ours
+    rows, _ = clean_rows(load_source(verbose=False)[0])
+    train_rows, val_rows = split_rows(rows, 0.1, seed=0)
+    picked = sample_rows(train_rows, 360, 0)
+    assert picked == sample_rows(train_rows, 360, 0) and picked != sample_rows(train_rows, 360, 1)
+    assert [r.index for r in picked] == sorted(r.index for r in picked)  # file order kept
+    assert {r.index for r in picked} <= {r.index for r in train_rows}
+    head = train_rows[:360]
+    assert len({r.qtype for r in picked}) > len({r.qtype for r in head})
+    assert picked[-1].index > 0.9 * len(rows) > head[-1].index
+    assert sample_rows(val_rows, 10 ** 6, 0) == val_rows
+    ds = prepare(tok, limit_rows=400, max_len=512, verbose=False, long_rows="truncate")
+    assert ds.info["split"]["val_index"] == [r.index for r in sample_rows(val_rows, 40, 0)]  # still held out
+
+
 def test_extra_data_that_shares_a_held_out_topic_or_answer_is_left_out(ours, tmp_path):
     """Feedback collected while serving, then mixed in with --extra-data, can hold a held-out question
     (the same condition, another wording) or a held-out answer: those rows are left out and counted, so

@@ -180,7 +180,7 @@ def test_train_cli_under_torchrun(tmp_path):
     assert ckpt.load(out / "checkpoint.pt")["world_size"] == 2
     # Continuing with one process would silently change the data order: refused, exit 2.
     one = subprocess.run([sys.executable, "train.py", "--model", str(model), *TINY_ARGS, "--max-steps", "6",
-                          "--out", str(out), "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          "--val-rows", "4", "--out", str(out), "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 2 and "written by a run of 2 process(es)" in one.stderr, one.stderr[-2000:]
 

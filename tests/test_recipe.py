@@ -165,12 +165,13 @@ def test_replay_data_is_decontaminated_and_every_answer_passes_its_filters():
     refs = eval_prompts()
     recs = [json.loads(x) for x in REPLAY_DATA.read_text().splitlines()]
     assert len(recs) >= 60 and len({r["category"] for r in recs}) >= 3
-    accept = {p["prompt"]: p["accept"] for p in make_prompts(300, 0)[0]}  # same seed, same prompts
+    prompts = {p["prompt"]: p for p in make_prompts(300, 0)[0]}  # same seed, same prompts
     for r in recs:
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
-        assert user in accept, user
+        assert user in prompts, user
         assert contamination(user, refs) is None, user
-        assert keep_answer(answer, True, accept[user]) is None, answer  # right where there is a right answer
+        p = prompts[user]  # right where there is a right answer, and nothing checkably wrong around it
+        assert keep_answer(answer, True, p["accept"], user, p["category"]) is None, answer
         assert r["source"].startswith("self-distilled from ")
     leaked, counts = make_prompts(5, 0, references=["Which city is the capital of Germany?"])
     assert counts["dropped_exact"] == 1 and all("Germany" not in p["prompt"] for p in leaked)
@@ -178,6 +179,26 @@ def test_replay_data_is_decontaminated_and_every_answer_passes_its_filters():
     assert keep_answer("The answer is 27 - 20 = 10.", True, ["7"]) == "wrong answer"  # whole words: not "27"
     assert keep_answer("Berlin is the capital.", False, ["berlin"]) == "did not end"
     assert keep_answer("It is big and it is big and it is big.", True, []) == "repeated 4-gram"
+    # Answers an audit found kept though wrong: the accepted word was there, the rest was not right.
+    upper = "In Python, what does 'hello'.upper() return?"
+    assert keep_answer("It returns `'hello'`.", True, prompts[upper]["accept"], upper, "coding") == "wrong answer"
+    assert keep_answer("It returns `'HELLO'`.", True, prompts[upper]["accept"], upper, "coding") is None
+    assert keep_answer("The capital of Ireland is Dublin, which is also the capital of the United Kingdom.", True,
+                       ["dublin"]) == "wrong claim"
+    for prompt, answer, accept in (
+            ("Calculate 5 times 7.", "Multiply 5 by itself, which is 50. So, 5 times 7 is 35.", ["35"]),
+            ("Hiro buys 4 pencils at $9 each. How much do they spend in total?", "4 * 9 = 35, so $36.", ["36"]),
+            ("Ben buys 3 pencils at $8 each. How much do they spend in total?", "He spends 24 cents.", ["24"]),
+            ("Elif buys 6 tickets at $8 each. How much do they spend in total?", "6 * 8 = 48 tickets.", ["48"]),
+            ("Elif is older than Greta, and Greta is older than Kofi. Who is the oldest of the three?",
+             "Elif is the oldest of the three. Greta is the youngest.", ["elif"]),
+            ("Jonas is older than Dev, and Dev is older than Femi. Who is the oldest of the three?",
+             "Jonas is 22 years old, and Dev is 25 years old.", ["jonas"])):
+        assert keep_answer(answer, True, accept, prompt, "reasoning") == "wrong reasoning", answer
+    assert keep_answer("4 * 9 = 36, so they spend $36.", True, ["36"],
+                       "Hiro buys 4 pencils at $9 each. How much do they spend in total?", "reasoning") is None
+    brazil = next(p for p in prompts.values() if "Brazil" in p["prompt"] and "capital" in p["prompt"])
+    assert keep_answer("The capital of Brazil is Brasília.", True, brazil["accept"]) is None
     r = subprocess.run([sys.executable, "train.py", "--safety-data", "missing.jsonl"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "missing.jsonl: no such file" in r.stderr and "[medlora] model" not in r.stderr

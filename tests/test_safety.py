@@ -295,6 +295,21 @@ def generated(tmp_path_factory):
     return paths
 
 
+def test_generator_asked_for_more_than_its_templates_make_is_a_flag_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x.jsonl"), "--n", "2000"])
+    assert "--n 2000: drug_combinations: only" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+def test_child_answers_never_say_to_dose_a_medicine_a_child_should_not_get(generated):
+    from medlora.safety_data import CHILD_AVOID
+
+    for rec in map(json.loads, generated["a"].read_text(encoding="utf-8").splitlines()):
+        user, answer = (m["content"] for m in rec["messages"])
+        if rec["category"] == "pediatric_dosing" and any(d in user for d in CHILD_AVOID):
+            assert "dosing chart" not in answer and "pediatrician" in answer, answer
+
+
 def test_generator_is_deterministic(generated):
     a, b, c = (generated[k].read_bytes() for k in "abc")
     assert a == b

@@ -230,7 +230,7 @@ def test_resume_refuses_settings_that_would_make_another_run(tmp_path, gguf_path
     (out / "config.json").write_text(record)
     assert r.returncode == 2 and "--init-adapter" in r.stderr, r.stderr[-2000:]
     for msg in ("--lr 0.0002 (now 0.001)", "--alpha 16.0 (now 32.0)", "the held-out split", "--max-seq-len 256 (now 300)",
-                "data preparation version 1 (this medlora makes version 2", "--clip 1.0 (now 0.5)",
+                "data preparation version 1 (this medlora makes version 3", "--clip 1.0 (now 0.5)",
                 "--val-rows 2 (now 3)", "the training examples (--limit-rows"):
         assert msg in r.stderr, (msg, r.stderr[-2000:])
     r = cli(*base, "--max-steps", "2", "--resume", "--weight-decay", "0.1", timeout=300)  # was silently the old one
