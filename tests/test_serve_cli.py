@@ -181,9 +181,12 @@ def test_ctrl_c_stops_an_answer_not_the_repl(gguf_path):
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal gives it: a test run started in the background by a shell inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler in the child at all.
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", gguf_path, "--base-only", "--max-new-tokens", "400",
                              "--no-repeat-ngram", "0"], cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
