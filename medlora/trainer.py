@@ -550,7 +550,8 @@ def train(model: Llama, ds: Dataset, cfg: TrainConfig, lora_cfg: LoRAConfig, run
                    grad_norm=grad_norm if finite else None, tokens=state["tokens"], supervised=state["supervised"],
                    tok_per_s=tps, elapsed=state["elapsed"], **({} if finite else {"skipped": True}))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}", best_val=f"{state['best_val']:.3f}")
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}",  # (no best before the first evaluation)
+                            best_val=f"{state['best_val']:.3f}" if math.isfinite(state["best_val"]) else "–")
 
             last = state["step"] == total
             if val and (state["step"] % cfg.eval_every == 0 or last):
