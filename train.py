@@ -540,8 +540,8 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             (run_dir / "config.json").write_text(json.dumps(record, indent=2))
         else:  # the record keeps how the run started, plus each resume: when, how, and what it changed
             was = json.loads((run_dir / "config.json").read_text())
-            changed = {k: [was.get("train", {}).get(k), v] for k, v in record["train"].items()
-                       if was.get("train", {}).get(k) != v}
+            before = was.get("train", {})
+            changed = {k: [before.get(k), v] for k, v in record["train"].items() if before.get(k) != v}
             was.setdefault("resumes", []).append({"started": record["started"], "command": record["command"],
                                                   "git": record["git"], "changed": changed})
             tmp = run_dir / "config.json.tmp"

@@ -28,6 +28,7 @@ on this machine (fp32), so the file is reproducible up to floating-point ties.
 from __future__ import annotations
 
 import argparse
+import operator
 import random
 import re
 import sys
@@ -199,9 +200,9 @@ def _eval_files() -> list[Path]:
 # accepted word can still be wrong around it. Lower-case phrases; any answer containing one is dropped.
 KNOWN_WRONG = ["also the capital of", "but it's not a prime number"]
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.]*\d)")
-_RESULT = {"plus": lambda a, b: a + b, "+": lambda a, b: a + b, "minus": lambda a, b: a - b, "-": lambda a, b: a - b,
-           "times": lambda a, b: a * b, "*": lambda a, b: a * b, "x": lambda a, b: a * b, "×": lambda a, b: a * b,
-           "divided by": lambda a, b: a / b, "÷": lambda a, b: a / b, "/": lambda a, b: a / b}
+_RESULT = {"plus": operator.add, "+": operator.add, "minus": operator.sub, "-": operator.sub,
+           "times": operator.mul, "*": operator.mul, "x": operator.mul, "×": operator.mul,
+           "divided by": operator.truediv, "÷": operator.truediv, "/": operator.truediv}
 _CLAIM = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|\*|x|×|divided by|÷|/)\s*\$?(\d+)\s*(?:=|is|equals)\s*\$?(\d+)")
 
 
