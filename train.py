@@ -74,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "chat examples over it (--extra-data, safety, replay) are left out and counted")
     g.add_argument("--val-fraction", type=fraction, default=0.1)
     g.add_argument("--limit-rows", type=positive_int, default=None, help="use only this many rows (split first)")
+    g.add_argument("--split-from", default=None, metavar="RUN",
+                   help="hold out exactly the MedQuAD rows run folder RUN held out (its split.json), instead of "
+                        "making the split: for a run that continues RUN's adapter (--init-adapter) and is "
+                        "evaluated on RUN's held-out rows (eval.py --run RUN); training rows that share an answer "
+                        "or question topic with them are left out and counted")
     g.add_argument("--extra-data", action="append", default=[], help="extra chat JSONL ({'messages': [...]}), repeatable")
     g.add_argument("--extra-weight", type=positive_float, default=1.0, help="how many times each extra example is used")
     g.add_argument("--safety-data", default=None, metavar="PATH",
@@ -139,6 +144,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if path and not Path(path).is_file():
             p.error(f"--{kind}-data {path}: no such file (make it with `python -m {maker} --out {path}`, or train "
                     f"without it: --no-{kind}-data)")
+    if args.split_from:
+        args.split_index = recorded_split(args.split_from)
+        if isinstance(args.split_index, str):
+            p.error(f"--split-from {args.split_from}: {args.split_index}")
+        if "val_fraction" in args.given:
+            p.error("--split-from takes the held-out rows from the run; --val-fraction cannot also set them")
+    else:
+        args.split_index = None
     if args.resume and not args.out:
         p.error("--resume needs --out (the run folder to continue)")
     if args.resume and args.overwrite:
@@ -149,6 +162,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype == "float16":
         p.error("--dtype float16 is not supported for training (no loss scaling); use bfloat16")
     return args
+
+
+def recorded_split(run: str) -> list[int] | str:
+    """The held-out row indices a run folder recorded (split.json), or what is wrong with it."""
+    f = Path(run) / "split.json"
+    if not f.is_file():
+        return f"no split.json there (a run folder made by train.py holds one)" if Path(run).is_dir() else "no such folder"
+    try:
+        index = json.loads(f.read_text())["val_index"]
+        assert isinstance(index, list) and index and all(isinstance(i, int) for i in index)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        return f"{f} has no list of held-out rows (val_index)"
+    return index
+
+
+def split_change_warning(args: argparse.Namespace, val_index: list[int]) -> str | None:
+    """Continuing an adapter whose run held out other rows: some of this run's validation rows were
+    that run's training rows (its loss reads low), and rows it held out may be trained on here, so
+    evaluating on its split (eval.py --run) would score trained-on rows. --split-from avoids both."""
+    run = Path(args.init_adapter).parent
+    theirs = None if args.split_from else recorded_split(str(run))
+    if not isinstance(theirs, list):
+        return None
+    outside = len(set(val_index) - set(theirs))
+    if not outside:
+        return None
+    return (f"{outside} of this run's {len(val_index)} validation rows were not held out by {run} (the run behind "
+            f"--init-adapter): its adapter may have trained on them, and rows it held out may be trained on here "
+            f"(its split was made differently). To keep its held-out rows out of training: --split-from {run}")
 
 
 def init_adapter_config(args: argparse.Namespace):
@@ -353,6 +395,20 @@ def resume_command(script: str, argv: list[str], run_dir: Path, world_size: int)
             f"--rdzv-endpoint <host:port> {cmd}   (on every node, as before)")
 
 
+def no_examples_problem(info: dict, tok, max_len: int) -> str:
+    """Why nothing is left to train on: the cleaning counts, and the flag to change when the chat
+    frame alone (system prompt + turn markers) leaves no room at this --max-seq-len."""
+    from medlora.data import row_messages
+
+    why = ", ".join(f"{n} {reason}" for reason, n in info["cleaning"].items() if reason != "kept")
+    msg = "no training examples left after cleaning" + (f" ({why})" if why else "")
+    frame = len(tok.encode_many_for_training([row_messages("", "")])[0][0])
+    if frame + 16 > max_len:
+        msg += (f"; the safe system prompt and chat markers alone take {frame} tokens, so --max-seq-len "
+                f"{max_len} leaves no room for a question and answer (use at least {frame + 64}, default 320)")
+    return msg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from medlora.config import ConfigError, LoRAConfig
@@ -446,13 +502,14 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     try:
         ds = prepare(tok, args.data, args.question_col, args.answer_col, args.max_seq_len, args.long_rows,
                      args.val_fraction, args.seed, args.limit_rows, args.extra_data, args.extra_weight,
+                     held_out_index=args.split_index,
                      verbose=main_rank, safety=args.safety, safety_weight=args.safety_weight,
                      replay=args.replay, replay_weight=args.replay_weight)
     except DataError as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
     if not ds.train:
-        say("error: no training examples left after cleaning", file=sys.stderr)
+        say(f"error: {no_examples_problem(ds.info, tok, args.max_seq_len)}", file=sys.stderr)
         return 2
     for kind in ("safety", "replay"):
         if getattr(args, kind) is None:
@@ -508,6 +565,9 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             return 2
         load_adapter(model, args.init_adapter, trainable=True)  # checks every tensor's name and shape
         init_sha = sha256_file(Path(args.init_adapter) / "adapter_model.safetensors")  # which weights it started from
+        warning = split_change_warning(args, ds.info["split"]["val_index"])
+        if warning:
+            say(f"warning: {warning}", file=sys.stderr)
     model.to(device)
     report = parameter_report(model)
     if args.dry_run:
@@ -517,7 +577,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
             print_dry_run(dry_run_report(model, report, ds, args.batch_size, args.grad_accum, args.epochs,
                                          args.max_steps, args.max_seq_len, tcfg.precision, dist.world_size))
         return 0
-    split = ds.info.pop("split")
+    split = ds.info.pop("split") | ({"from": args.split_from} if args.split_from else {})
 
     def write_records() -> None:  # rank 0 only
         fresh = not args.resume or not (run_dir / "config.json").exists()  # a resume keeps the run's record

@@ -293,6 +293,24 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return train, val
 
 
+def recorded_split_rows(rows: list[Row], held_out_index: list[int], counts: Counter) -> tuple[list[Row], list[Row]]:
+    """The split another run recorded (its held-out source rows): those rows are validation; the training
+    side is every other row except those sharing an answer or question topic with one of them (a split
+    from an older grouping may have such rows; they are counted, not trained on)."""
+    wanted = set(held_out_index)
+    val = [r for r in rows if r.index in wanted]
+    if len(val) < len(wanted):
+        raise DataError(f"the recorded split holds out {len(wanted)} rows but only {len(val)} of them are among "
+                        "this data's cleaned rows: it was made from other data (or another cleaning)")
+    keys = held_out_keys(val)
+    train = [r for r in rows if r.index not in wanted
+             and not ({"a:" + _norm(r.answer), "t:" + topic_key(r.question)} & keys)]
+    left_out = len(rows) - len(val) - len(train)
+    if left_out:
+        counts["shares an answer or topic with a recorded held-out row"] += left_out
+    return train, val
+
+
 # ---------------------------------------------------------------------------------------------
 # Chat examples
 # ---------------------------------------------------------------------------------------------
@@ -510,17 +528,22 @@ def prepare(tok: ChatTokenizer, data: str | None = None, question_col: str = "Qu
             max_len: int = 1024, long_rows: str = "drop", val_fraction: float = 0.1, seed: int = 0,
             limit_rows: int | None = None, extra: list[str] | None = None, extra_weight: float = 1.0,
             revision: str | None = None, verbose: bool = True, safety: str | os.PathLike | None = None,
-            safety_weight: float = 1.0, replay: str | os.PathLike | None = None, replay_weight: float = 1.0) -> Dataset:
+            safety_weight: float = 1.0, replay: str | os.PathLike | None = None, replay_weight: float = 1.0,
+            held_out_index: list[int] | None = None) -> Dataset:
     """The whole pipeline; `info` records source, hashes, counts and the split (for the run record).
 
     `extra` files are mixed in `extra_weight` times over; `safety` (the synthetic safety SFT file)
     and `replay` (the base model's general-chat answers) are separate sources with their own
     weights, so each ratio is set independently. All join the training side only: validation
-    stays pure held-out MedQuAD.
+    stays pure held-out MedQuAD. `held_out_index` (another run's recorded split) replaces the split.
     """
     raw, info = load_source(data, revision, verbose)
     rows, counts = clean_rows(raw, question_col, answer_col, source=str(data or DEFAULT_DATA))
-    train_rows, val_rows = split_rows(rows, val_fraction, seed)
+    if held_out_index is not None:
+        train_rows, val_rows = recorded_split_rows(rows, held_out_index, counts)
+        val_fraction = len(val_rows) / len(rows)
+    else:
+        train_rows, val_rows = split_rows(rows, val_fraction, seed)
     held_out = held_out_keys(val_rows)  # every held-out row, also those a --limit-rows run leaves unused
     if limit_rows:  # after the split, so a small run's validation rows are still held out
         n_val = max(1, round(limit_rows * val_fraction)) if val_fraction > 0 else 0

@@ -254,6 +254,16 @@ def test_missing_column_is_a_clear_error(tmp_path, gguf_path):
     assert r.returncode == 2 and "no column 'Question'" in r.stderr and "qa.csv" in r.stderr
 
 
+def test_a_max_seq_len_below_the_chat_frame_says_so(tmp_path, gguf_path):
+    """Every row dropped by a too-small --max-seq-len: the error gives the counts and the frame's size."""
+    r = cli("--max-seq-len", "50", "--limit-rows", "40", "--dry-run", "--model", gguf_path,
+            "--out", str(tmp_path / "o"), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert "no training examples left" in err and "under 16 of 50 tokens" in err, err
+    assert "--max-seq-len 50 leaves no room" in err and "alone take 101 tokens" in err, err
+
+
 def test_a_dirty_checkout_records_its_diff(tmp_path, monkeypatch):
     """A run from a tree with uncommitted changes records them (git diff HEAD) beside its commit, so
     `git apply RUN/git.diff` on that commit gives the code that ran; a clean tree writes no diff."""
