@@ -168,6 +168,12 @@ def _weights_lines(base: dict) -> list[str]:
     return lines
 
 
+def _grouping(data: dict) -> str:
+    """How the run's split kept related rows together (data preparation version 2 grouped by topic)."""
+    return ("grouped by shared answer or question topic" if data.get("prep_version", 1) >= 2
+            else "grouped by question")
+
+
 def _hyperparameters(record: dict, metrics: dict) -> str:
     lora, tr, data, split = (record.get(k) or {} for k in ("lora", "train", "data", "split"))
     params = record.get("parameters") or {}
@@ -193,7 +199,8 @@ def _hyperparameters(record: dict, metrics: dict) -> str:
     if "max_seq_len" in record:
         rows.append(("max sequence length", f"{record['max_seq_len']} tokens (longer rows: {record.get('long_rows')})"))
     if split:
-        rows.append(("validation split", f"{split.get('val_fraction')} of rows, grouped by question, seed {split.get('seed')}"))
+        rows.append(("validation split", f"the held-out rows of run {split['from']}" if split.get("from") else
+                     f"{split.get('val_fraction')} of rows, {_grouping(data)}, seed {split.get('seed')}"))
     if data.get("train"):
         rows.append(("train / val examples", f"{data['train']['n']:,} / {data['val']['n']:,}"))
     if metrics.get("steps") is not None:
@@ -377,14 +384,19 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
         "- Changed from the original (CC BY 4.0 asks us to say so; details in medlora's `data/medquad/README.md`): "
         "the MedQuAD XML was flattened to three columns; pairs with empty answers were dropped (the MedlinePlus "
         "subsets whose answers the MedQuAD authors removed for copyright); leading/trailing whitespace was stripped. "
-        "At training time medlora also collapsed internal whitespace, dropped exact duplicates and over-long rows, "
-        "and wrapped each pair in a chat with the system prompt below.",
+        "At training time medlora also collapsed internal whitespace, dropped exact duplicates, "
+        + ("cut over-long answers at a sentence end to fit" if record.get("long_rows") == "truncate"
+           else "dropped over-long rows") + ", and wrapped each pair in a chat with the system prompt below.",
     ]
     if data.get("rows"):
         training_data.append(f"- Rows: {data['rows']:,}" + (f"; cleaning: {cleaning}" if cleaning else ""))
     if data.get("train"):
+        split = record.get("split") or {}
+        how = (f"the held-out rows recorded by run `{split['from']}`, training rows that share an answer or "
+               "question topic with them left out" if split.get("from")
+               else f"{_grouping(data)} so none appears on both sides")
         training_data.append(f"- Split: {data['train']['n']:,} training / {data['val']['n']:,} validation examples, "
-                             f"grouped by question so no question appears on both sides.")
+                             f"{how}.")
     mixed = [(k, data[k]) for k in ("safety", "replay") if isinstance(data.get(k), dict) and data[k].get("path")]
     what = {"safety": "synthetic refuse-and-redirect / safe-guidance chats (`python -m medlora.safety_data`)",
             "replay": "the base model's own answers to everyday non-medical prompts, against forgetting "

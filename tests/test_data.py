@@ -189,6 +189,37 @@ def test_limit_rows_and_val_rows_sample_the_split_not_its_head(ours):
     assert ds.info["split"]["val_index"] == [r.index for r in sample_rows(val_rows, 40, 0)]  # still held out
 
 
+def test_a_recorded_split_is_held_out_exactly_and_its_topics_stay_out_of_training():
+    """train.py --split-from: the validation rows are the ones recorded; a training row sharing a topic or
+    an answer with one of them (a split from the older, question-only grouping) is left out and counted."""
+    from medlora.data import Row, recorded_split_rows
+
+    rows = [Row("What causes Gout ?", "Uric acid crystals.", None, 0),
+            Row("What are the symptoms of Gout ?", "Painful joints.", None, 1),  # same topic as row 0
+            Row("What is Anemia ?", "Too few red cells.", None, 2),
+            Row("Who gets Lupus ?", "Uric acid crystals.", None, 3),  # same answer as row 0
+            Row("What is Asthma ?", "Narrow airways.", None, 5)]
+    counts = Counter()
+    train, val = recorded_split_rows(rows, [0, 5], counts)
+    assert [r.index for r in val] == [0, 5] and [r.index for r in train] == [2]
+    assert counts["shares an answer or topic with a recorded held-out row"] == 2
+    with pytest.raises(DataError, match="holds out 3 rows but only 2"):
+        recorded_split_rows(rows, [0, 5, 9], Counter())
+
+
+def test_prepare_with_a_recorded_split_on_real_medquad(ours):
+    from medlora.data import clean_rows, load_source, split_rows
+
+    _, tok = ours
+    rows, _ = clean_rows(load_source(verbose=False)[0])
+    _, val_rows = split_rows(rows, 0.1, seed=7)  # "another run's" split
+    recorded = [r.index for r in val_rows]
+    ds = prepare(tok, limit_rows=200, max_len=512, verbose=False, long_rows="truncate", held_out_index=recorded)
+    assert set(ds.info["split"]["val_index"]) <= set(recorded) and len(ds.info["split"]["val_index"]) == 20
+    full = prepare(tok, limit_rows=10 ** 6, max_len=64, long_rows="drop", verbose=False, held_out_index=recorded)
+    assert full.info["split"]["val_index"] == sorted(recorded)
+
+
 def test_extra_data_that_shares_a_held_out_topic_or_answer_is_left_out(ours, tmp_path):
     """Feedback collected while serving, then mixed in with --extra-data, can hold a held-out question
     (the same condition, another wording) or a held-out answer: those rows are left out and counted, so

@@ -286,6 +286,17 @@ def test_model_card_has_sections_and_real_numbers():
     assert "| learning rate | 0.0002 |" in card and "| LoRA rank r | 8 |" in card
     assert "PeftModel.from_pretrained" in card and "load_adapter" in card and "not a doctor" in card.lower()
     assert "No `eval.py` report" in card
+    # what this run did, not a fixed sentence: it dropped long rows and grouped its split by question
+    assert "dropped over-long rows" in card and "grouped by question so none appears" in card
+    training = json.loads(json.dumps(rec["training"]))
+    training.update(long_rows="truncate", split={**training["split"], "from": "docs/runs/stage1"})
+    training["data"]["prep_version"] = 3
+    card = model_card(training, rec["metrics"], None, base=rec["base"])
+    assert "cut over-long answers at a sentence end" in card and "dropped over-long" not in card
+    assert "held-out rows recorded by run `docs/runs/stage1`" in card and "the held-out rows of run docs/runs/stage1" in card
+    training["split"].pop("from")
+    card = model_card(training, rec["metrics"], None, base=rec["base"])
+    assert "grouped by shared answer or question topic so none appears" in card
 
 
 def test_eval_report_and_standalone_adapter(tmp_path):

@@ -159,6 +159,9 @@ def test_train_cli_end_to_end_on_real_weights_and_data(tmp_path, gguf_path):
     (["--init-adapter", "adapters/medlora-r8", "--targets", "attention"], "--targets attention (the adapter has down_proj,"),
     (["--init-adapter", "no/such/adapter"], "--init-adapter: no/such/adapter: expected adapter_config.json"),
     (["--model", "README.md", "--revision", "main"], "--revision main: only a hub id has revisions"),
+    (["--split-from", "no/such/run"], "--split-from no/such/run: no such folder"),
+    (["--split-from", "adapters/medlora-r8"], "--split-from adapters/medlora-r8: no split.json there"),
+    (["--split-from", "docs/runs/cpu-stage2", "--val-fraction", "0.2"], "--val-fraction cannot also set them"),
 ])
 def test_bad_flags_fail_fast(args, msg):
     r = cli(*args, timeout=120)
@@ -183,6 +186,26 @@ def test_init_adapter_continues_from_its_weights_with_this_runs_dropout(tmp_path
     # Two small steps move the adapter a little: far from zero-initialised B, close to where it started.
     for k, v in start.items():
         assert (tensors[k] - v).norm() < 0.05 * v.norm(), k
+
+
+def test_init_adapter_from_a_run_with_another_split_warns(tmp_path):
+    """Continuing a run's adapter with a split it did not hold out: its validation rows may be that run's
+    training rows. The warning names how many and the flag that keeps the run's split."""
+    import argparse
+
+    import train as train_cli
+
+    run = tmp_path / "stage1"
+    (run / "best_adapter").mkdir(parents=True)
+    (run / "split.json").write_text(json.dumps({"val_index": [1, 2, 3]}))
+    args = argparse.Namespace(init_adapter=str(run / "best_adapter"), split_from=None)
+    warning = train_cli.split_change_warning(args, [2, 3, 4, 5])
+    assert warning and warning.startswith("2 of this run's 4 validation rows") and f"--split-from {run}" in warning
+    assert train_cli.split_change_warning(args, [1, 3]) is None  # a sample of its held-out rows
+    assert train_cli.split_change_warning(argparse.Namespace(init_adapter=str(run / "best_adapter"),
+                                                             split_from=str(run)), [4]) is None
+    args.init_adapter = str(ROOT / "adapters" / "medlora-r8")  # a release: no split.json beside it
+    assert train_cli.split_change_warning(args, [4]) is None
 
 
 def test_init_adapter_for_other_base_weights_is_refused(tmp_path, gguf_path):

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 DEV=${DEV:-auto}
 python train.py --rank 8 --device "$DEV" --batch-size 16 --eval-every 200 --val-rows 800 --save-every 200 \
   --out runs/stage1
-python train.py --init-adapter runs/stage1/best_adapter --device "$DEV" --limit-rows 1000 --replay-weight 4 \
+python train.py --init-adapter runs/stage1/best_adapter --split-from runs/stage1 --device "$DEV" --limit-rows 1000 --replay-weight 4 \
   --batch-size 8 --lr 2e-4 --epochs 1 --warmup-steps 10 --eval-every 60 --val-rows 100 --save-every 60 \
   --out runs/stage2
 python eval.py --adapter runs/stage2/best_adapter --run runs/stage1 --device "$DEV" --limit 100 --loss-rows 2000 \
