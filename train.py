@@ -4,6 +4,7 @@
     python train.py --rank 8 --no-safety-data --no-replay-data   # MedQuAD only
     python train.py --sanity                      # ~200 rows, overfit quickly, pass/fail verdict
     python train.py --rank 8 --out runs/x --resume
+    python train.py --init-adapter runs/x/best_adapter --split-from runs/x --limit-rows 1000   # a second stage
     torchrun --nproc-per-node 4 train.py --rank 8     # data parallel: --batch-size is per process
 
 Writes a run folder: config.json (the run record), split.json, metrics.jsonl, loss.png,
@@ -660,8 +661,11 @@ def print_summary(summary: dict, args: argparse.Namespace, run_dir: Path, argv, 
         print(f"best val loss {summary['best_val']:.4f} (ppl {math.exp(summary['best_val']):.2f}) at step "
               f"{summary['best_step']}{'  [stopped early]' if summary['stopped_early'] else ''}")
         if summary["best_val"] >= summary.get("base_val", math.inf):
-            print(f"warning: no evaluation beat the base model (val loss {summary['base_val']:.4f}): best_adapter/ "
-                  f"is worse than no adapter; lower --lr (or check the data)")
+            start = "the adapter it started from (--init-adapter)" if args.init_adapter else "no adapter"
+            print(f"warning: no evaluation beat step 0 (val loss {summary['base_val']:.4f}): best_adapter/ is worse "
+                  f"on these validation rows than {start}; lower --lr, or check the data" +
+                  ("; a stage trained mostly on other data (safety, replay) may trade this loss away on "
+                   "purpose: judge it with eval.py" if args.init_adapter else ""))
     print(f"run folder {run_dir}: adapter/, {'best_adapter/, ' if summary['best_adapter'] else ''}loss.png, "
           f"metrics.jsonl, config.json, checkpoint.pt")
     if summary["interrupted"]:

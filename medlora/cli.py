@@ -39,6 +39,13 @@ def nonneg_float(s: str) -> float:
     return v
 
 
+def probability(s: str) -> float:
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
+    return v
+
+
 def fraction(s: str) -> float:
     v = float(s)
     if not 0 <= v < 1:
@@ -109,7 +116,8 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256, 
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=nonneg_int, default=0)
-    p.add_argument("--top-p", type=positive_float, default=1.0)
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: keep the smallest set of "
+                   "tokens whose probability reaches this (1 = off; 0 = the most likely token only)")
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1 = off (HF's definition)")
     p.add_argument("--no-repeat-ngram", type=nonneg_int, default=no_repeat_ngram,
                    help=f"n > 0: never repeat an n-gram of tokens within the conversation (HF's no_repeat_ngram_size); "

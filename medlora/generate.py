@@ -56,9 +56,11 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenConfig,
         rows = torch.tensor([i for i, b in enumerate(banned) for _ in b], device=logits.device)
         cols = torch.tensor([t for b in banned for t in b], device=logits.device)
         logits = logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
-    if cfg.temperature == 0:
+    if cfg.temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 rounds to 0: greedy
         return logits.argmax(-1)
-    logits = logits / cfg.temperature
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then gives -inf (a weight of 0)
+    # instead of overflowing to +inf, which softmax would turn into NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -93,7 +95,7 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
         mask = ((causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
     cache = KVCache(model.config, B, P + cfg.max_new_tokens, device, cache_dtype(model))
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    seen = idx.clone()
+    seen = torch.where(valid, idx, idx[:, -1:])  # the penalty's ids: a left-pad slot repeats a real one
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(cfg.stop_ids), device=device, dtype=torch.long)
     # Prefill: the head runs on the last position only (the [P, vocab] logits are never needed).

@@ -366,6 +366,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = Fals
     if not lora_modules(model):
         inject_lora(model, cfg)
     mods = lora_modules(model)
+    clash = _structure_clash(mods, cfg)
+    if clash:  # copying the tensors alone would keep the old layers' scale (alpha, rsLoRA) without a word
+        raise AdapterError(f"{folder}: the model already has LoRA layers with {clash}; load the adapter into "
+                           "a model without LoRA")
+    unmerge_lora(model)  # a merged layer holds the old adapter's update in its weight: take it out first
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (m, ab) for n, m in mods.items() for ab in "AB"}
     # PEFT writes keys without the adapter name; strip one if a tool kept it (".lora_A.default.weight").
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
@@ -384,6 +389,21 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = Fals
     if merge:
         merge_lora(model)
     return cfg
+
+
+def _structure_clash(mods: dict[str, LoRALinear], cfg: LoRAConfig) -> str | None:
+    """How a model's existing LoRA layers differ from an adapter's config, or None."""
+    scaling = cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)  # as LoRALinear computes it
+    have_targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
+    diffs = []
+    if {m.rank for m in mods.values()} != {cfg.rank}:
+        diffs.append(f"rank {sorted({m.rank for m in mods.values()})} (the adapter has r={cfg.rank})")
+    if any(not math.isclose(m.scaling, scaling) for m in mods.values()):
+        diffs.append(f"scale {sorted({m.scaling for m in mods.values()})} (the adapter's alpha {cfg.alpha:g}"
+                     f"{' with rsLoRA' if cfg.use_rslora else ''} gives {scaling:g})")
+    if have_targets != sorted(cfg.targets):
+        diffs.append(f"targets {','.join(have_targets)} (the adapter has {','.join(sorted(cfg.targets))})")
+    return "; ".join(diffs) or None
 
 
 def adapter_base_mismatch(folder: str | os.PathLike, base_info: dict) -> str | None:

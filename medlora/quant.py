@@ -125,6 +125,8 @@ def quantize_int4(model: Llama, group: int = 32) -> Llama:
 
 
 def _quantize(model: Llama, make, kind: str, head=None) -> Llama:
+    if getattr(model, "quantized", None):  # its weights are codes now; quantising them again loses the scales
+        raise RuntimeError(f"this model is already quantised ({model.quantized}); quantise a full-precision copy")
     merge_lora(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

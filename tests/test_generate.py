@@ -160,6 +160,8 @@ def test_compiled_decode_step_gives_the_eager_tokens(device):
     for quantize, supported in ((quantize_int8, int8_supported()), (quantize_int4, int4_supported())):
         if supported:
             q_eager = quantize(copy.deepcopy(eager))
+            with pytest.raises(RuntimeError, match="already quantised"):  # the codes would be quantised again
+                quantize_int8(q_eager)
             q_compiled = compile_decoding(copy.deepcopy(q_eager))
             want = [s for s in generate_ids(q_eager, rows, cfg)]
             assert [s for s in generate_ids(q_compiled, rows, cfg)] == want
@@ -185,3 +187,38 @@ def test_bf16_model_decodes_over_an_fp32_cache_on_cpu():
     assert cache.k[0].dtype == torch.float32 and step.dtype == torch.bfloat16
     assert (step.float() - full.float()).abs().max() <= 0.03 * full.float().abs().max()
     assert step.argmax() == full.argmax()
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """Dividing logits by a temperature near 0 overflowed to inf and softmax gave NaN (the HTTP API
+    accepts any 0 <= temperature <= 2); shifted by the largest logit first, it picks the argmax."""
+    from medlora.generate import sample_next
+
+    logits = torch.tensor([[25.0, 3.0, -4.0], [-1.0, 7.5, 7.0]])
+    for t in (1e-38, 1e-45, 5e-324, 0.7):
+        gen = torch.Generator().manual_seed(0)
+        tok = sample_next(logits, None, GenConfig(temperature=t, max_new_tokens=1), gen)
+        if t < 1:  # (0.7 samples; only its shape and range are checked)
+            assert tok.tolist() == [0, 1], t
+        assert tok.shape == (2,)
+
+
+def test_repetition_penalty_ignores_left_padding():
+    """A left-padded row decodes as it would alone: the pad id is no token the row has seen (it was
+    penalised, so a row that alone would emit the pad id's token emitted another one batched)."""
+    import random
+
+    from helpers import tiny_model
+
+    model = tiny_model().eval()
+    rng = random.Random(0)
+    long = list(range(10, 40))
+    cfg = GenConfig(max_new_tokens=8, repetition_penalty=3.0, stop_ids={-1})
+    changed = 0
+    for _ in range(200):
+        short = [rng.randrange(3, 97) for _ in range(rng.randrange(2, 6))]
+        alone = [s[0] for s in generate_ids(model, [short], cfg, pad_id=2)]
+        batched = [s[0] for s in generate_ids(model, [short, long], cfg, pad_id=2)]
+        assert batched == alone, short
+        changed += 2 in alone
+    assert changed  # some row alone emits the pad id's token: the case that differed before

@@ -393,3 +393,44 @@ def test_peft_target_suffixes_are_read_as_module_names(tmp_path):
     assert read_adapter(tmp_path)[0].targets == ["q_proj", "down_proj"]
     fresh = tiny_model(0)
     load_adapter(fresh, tmp_path)  # and the tensors fit the modules they name
+
+
+def test_load_adapter_into_a_model_with_other_lora_layers_is_refused(tmp_path):
+    """Copying tensors into existing LoRA layers would keep their scale (alpha, rsLoRA): another
+    adapter's weights under the wrong scale, silently."""
+    m = tiny_model()
+    cfg = LoRAConfig(rank=4, alpha=32.0)
+    inject_lora(m, cfg)
+    randomize_lora(m, seed=1)
+    save_adapter(m, tmp_path / "a", cfg, "tiny")
+    for other, says in ((LoRAConfig(rank=4, alpha=8.0), "scale [2.0]"), (LoRAConfig(rank=2, alpha=32.0), "rank [2]"),
+                        (LoRAConfig(rank=4, alpha=32.0, targets=["q_proj", "v_proj"]), "targets q_proj,v_proj")):
+        t = tiny_model()
+        inject_lora(t, other)
+        with pytest.raises(AdapterError, match=re.escape(says)):
+            load_adapter(t, tmp_path / "a")
+
+
+def test_load_adapter_into_a_merged_model_replaces_the_merged_update(tmp_path):
+    x = torch.randint(0, 97, (1, 10))
+    refs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        m = tiny_model()
+        inject_lora(m, LoRAConfig(rank=4, alpha=8.0))
+        randomize_lora(m, seed=seed)
+        save_adapter(m, tmp_path / name, LoRAConfig(rank=4, alpha=8.0), "tiny")
+        with torch.no_grad():
+            refs[name] = m(x)
+    with torch.no_grad():
+        base = tiny_model()(x)
+    t = tiny_model()
+    load_adapter(t, tmp_path / "a", merge=True)
+    load_adapter(t, tmp_path / "b", merge=True)  # used to leave a's update in the weights
+    with torch.no_grad():
+        assert torch.allclose(t(x), refs["b"], atol=1e-5)
+    load_adapter(t, tmp_path / "a")  # unmerged this time
+    unmerge_lora(t)
+    for m in lora_modules(t).values():
+        m.lora_B.weight.data.zero_()
+    with torch.no_grad():
+        assert torch.allclose(t(x), base, atol=1e-5)  # the base weights came back intact

@@ -147,6 +147,9 @@ def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys, tmp_path):
     assert "warning: --prompts replaces the built-in parts: --limit do nothing" in capsys.readouterr().err
     eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--top-p", "0.5", "--seed", "1"])
     assert "--top-k, --top-p: no effect, decoding is greedy" in capsys.readouterr().err  # (eval's seed picks rows)
+    with pytest.raises(SystemExit):  # (it was a traceback after --out had been made)
+        eval_cli.parse_args(["--adapter", adapter, "--temperature", "0.7", "--top-p", "1.5"])
+    assert "--top-p: must be in [0, 1], got 1.5" in capsys.readouterr().err
     # --revision pins hub weights: an error when every model named is local, fine for a hub --model.
     with pytest.raises(SystemExit):
         eval_cli.parse_args(["--adapter", adapter, "--model", "bundled", "--revision", "v1"])
