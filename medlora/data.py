@@ -426,6 +426,9 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
         if any(tok.control_token_in(m["content"]) for m in msgs):  # as MedQuAD rows holding one (build_examples)
             skipped["contains a chat control token"] += 1
             continue
+        if not msgs[-1]["content"].strip():  # its only target would be <|im_end|>: "answer nothing"
+            skipped["empty assistant answer"] += 1
+            continue
         if held_out and overlaps(msgs, held_out):
             skipped["shares a question topic or answer with a held-out row"] += 1
             continue

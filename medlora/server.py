@@ -351,6 +351,9 @@ def feedback_record(body: Any, model_id: str) -> dict:
     original = messages[-1]["content"]
     if correction:
         messages[-1] = {"role": "assistant", "content": correction}
+    if rating == "good" and not messages[-1]["content"].strip():  # as a training example: "answer nothing"
+        raise ApiError(400, "an empty answer cannot be rated good (it would teach the model to say nothing)",
+                       "messages", "invalid_value")
     return {"messages": messages, "rating": rating, "correction": correction, "original_answer": original,
             "model": model_id, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -376,7 +379,16 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise ApiError(413, f"the request body is over {limit} bytes", None, "request_too_large")
     try:
-        return json.loads(body)
+        obj = json.loads(body)
+        # JSON may spell lone surrogates (\ud800), which are no text: the tokenizer, error messages
+        # and the feedback file would fail on them later as a 500.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds an invalid Unicode escape (a lone surrogate such as "
+                            "\\ud800)", None, "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", None, "invalid_json") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})", None, "invalid_json") from None
 
@@ -395,7 +407,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def job_events(job: Job, request: Request) -> AsyncIterator[tuple]:
+async def job_events(job: Job, request: Request, engine: Engine) -> AsyncIterator[tuple]:
     """The worker's events for `job`; flags the job cancelled if the client goes away (checked
     between events), or if whoever iterates this stops early (e.g. the stream's send failed)."""
     try:
@@ -412,7 +424,7 @@ async def job_events(job: Job, request: Request) -> AsyncIterator[tuple]:
             if await request.is_disconnected():
                 return
     finally:
-        job.cancelled.set()  # no-op once the job is finished
+        engine.cancel(job)  # no-op once the job is finished
 
 
 def create_app(engine: Engine, settings: Settings):
@@ -477,20 +489,24 @@ def create_app(engine: Engine, settings: Settings):
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request):
-        if engine.snapshot()["active"] >= settings.max_queue:  # before reading and tokenising the request
+        if not engine.reserve(settings.max_queue):  # before reading and tokenising the request
             raise ApiError(429, f"the server is busy ({settings.max_queue} requests waiting or running); retry later",
                            None, "rate_limit_exceeded", "requests")
-        req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
-        prompt = encode_prompt(tok, req.messages, settings)
-        job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
-                  asyncio.get_running_loop())
-        engine.submit(job)
+        try:
+            req = parse_chat_request(await read_json(request, settings.max_body_bytes), settings)
+            prompt = encode_prompt(tok, req.messages, settings)
+            job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
+                      asyncio.get_running_loop())
+        except BaseException:  # a bad request (or the client gone while sending it) gives its place back
+            engine.release()
+            raise
+        engine.submit(job, reserved=True)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return StreamingResponse(sse(job, request, req, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces, done = [], None
-        async with aclosing(job_events(job, request)) as events:
+        async with aclosing(job_events(job, request, engine)) as events:
             async for event in events:
                 if event[0] == "text":
                     pieces.append(event[1])
@@ -511,7 +527,7 @@ def create_app(engine: Engine, settings: Settings):
         try:
             u = req.include_usage
             yield chunk(cid, created, req.model, {"role": "assistant", "content": ""}, with_usage=u)
-            async with aclosing(job_events(job, request)) as events:
+            async with aclosing(job_events(job, request, engine)) as events:
                 async for event in events:
                     if event[0] == "text":
                         yield chunk(cid, created, req.model, {"content": event[1]}, with_usage=u)
@@ -526,7 +542,7 @@ def create_app(engine: Engine, settings: Settings):
                             yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # the client went away mid-stream: stop generating for it
+            engine.cancel(job)  # the client went away mid-stream: stop generating for it
 
     @app.post("/v1/feedback", dependencies=guarded)
     async def post_feedback(request: Request):

@@ -81,6 +81,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
+    started: bool = False  # taken into a batch by the worker (set under Engine.stats_lock)
     text: AnswerText | None = None
 
     def batch_key(self) -> tuple | None:
@@ -115,10 +116,35 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="medlora-model", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def reserve(self, limit: int) -> bool:
+        """Take one of `limit` places (requests waiting or running) before a request is read, or
+        return False. Checked and taken under one lock: requests whose bodies arrive slowly cannot
+        all pass the check before any of them is counted."""
+        with self.stats_lock:
+            if self.stats["active"] >= limit:
+                return False
+            self.stats["active"] += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a reserved place that never became a job (a bad request)."""
+        self._count(active=-1)
+
+    def submit(self, job: Job, reserved: bool = False) -> None:
         job.text = AnswerText(self.tok, job.stop)
-        self._count(requests=1, active=1)
+        self._count(requests=1, active=0 if reserved else 1)
         self.inbox.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """The client has gone: stop the job. One still waiting in the queue gives its place back
+        now (the worker would only see it when it next takes a batch, maybe a long answer later)."""
+        job.cancelled.set()
+        with self.stats_lock:
+            if job.started or job.finished:
+                return  # running: the worker stops it between tokens; finished: nothing to do
+            job.finished = True
+            self.stats["active"] -= 1
+            self.stats["cancelled"] += 1
 
     def snapshot(self) -> dict:
         with self.stats_lock:
@@ -164,6 +190,10 @@ class Engine:
                 if job.batch_key() == key:
                     pending.remove(job)
                     batch.append(job)
+        with self.stats_lock:  # (Engine.cancel ends a waiting job under this lock too)
+            for job in batch:
+                if not job.finished:
+                    job.started = True
         for job in [j for j in batch if j.cancelled.is_set()]:  # gone before it started
             self._end(job, "cancelled")
         return [j for j in batch if not j.finished]

@@ -143,11 +143,12 @@ def test_extra_chat_jsonl(tmp_path, ours):
     long_row = {"messages": [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "word " * 600}]}
     bad_feedback = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}],
                     "rating": "bad"}
+    empty = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " \n"}]}  # "say nothing"
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(json.dumps(r) for r in (long_row, bad_feedback)) + "\n" + good.read_text())
+    mixed.write_text("\n".join(json.dumps(r) for r in (long_row, bad_feedback, empty)) + "\n" + good.read_text())
     skipped = Counter()
     assert len(load_chat_jsonl(mixed, tok, 512, skipped=skipped)) == 1
-    assert skipped == {"longer than 512 tokens": 1, "bad answers without a correction": 1}
+    assert skipped == {"longer than 512 tokens": 1, "bad answers without a correction": 1, "empty assistant answer": 1}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{oops\n")
     with pytest.raises(DataError, match=r"bad.jsonl: row 2: invalid JSON"):

@@ -318,6 +318,11 @@ def test_bad_requests_get_400(server, body, param):
 def test_malformed_and_oversized_bodies(server, client):
     assert_error(post(server, "/v1/chat/completions", raw=b'{"messages": [}'), 400, None, "invalid_json")
     assert_error(post(server, "/v1/chat/completions", raw=b"\xff\xfe"), 400, None, "invalid_json")
+    # JSON that parses but is no text (a lone surrogate) or nests too deeply: 400, not a 500
+    lone = b'{"model": "medlora", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    assert_error(post(server, "/v1/chat/completions", raw=lone), 400, None, "invalid_json")
+    assert_error(post(server, "/v1/feedback", raw=lone.replace(b"medlora", b"\\udc00")), 400, None, "invalid_json")
+    assert_error(post(server, "/v1/chat/completions", raw=b"[" * 10_000), 400, None, "invalid_json")
     too_long = {**OK, "messages": user("word " * (MAX_PROMPT + 10))}  # under the body limit, over the token limit
     assert len(json.dumps(too_long)) < MAX_BODY
     assert_error(post(server, "/v1/chat/completions", too_long), 400, "messages", "context_length_exceeded")
@@ -405,15 +410,36 @@ def test_a_full_queue_answers_429(ours):
     class BusyEngine:  # stands in for the worker: 3 requests already waiting or running
         tok = ours[1]
 
-        def snapshot(self):
-            return {"active": 3}
+        def reserve(self, limit):
+            return 3 < limit
 
-        def submit(self, job):
+        def submit(self, job, reserved=False):
             raise AssertionError("a request past the queue limit must not be queued")
 
     app = TestClient(create_app(BusyEngine(), Settings(max_queue=3)), base_url="http://127.0.0.1")
     err = assert_error(app.post("/v1/chat/completions", json=OK), 429, None, "rate_limit_exceeded")
     assert "3 requests" in err["message"]
+
+
+def test_queue_places_are_taken_at_the_check_and_given_back_by_queued_cancels(ours):
+    """--max-queue: a place is checked and taken in one step, before the body is read (requests whose
+    bodies arrived slowly all passed a check that counted only submitted jobs); a bad request gives it
+    back; a job cancelled while still queued gives it back at once, not when the worker reaches it."""
+    engine = Engine(None, ours[1])
+    try:
+        assert engine.reserve(2) and engine.reserve(2) and not engine.reserve(2)
+        engine.release()
+        assert engine.snapshot()["active"] == 1 and engine.reserve(2)
+        waiting, running = (Job([1, 2], 4, 0.0, 1.0, None, [], False, asyncio.new_event_loop()) for _ in range(2))
+        running.started = True
+        for job in (waiting, running):
+            engine.cancel(job)
+        assert engine.snapshot()["active"] == 1 and engine.snapshot()["cancelled"] == 1  # only the waiting one
+        assert waiting.finished and waiting.cancelled.is_set() and running.cancelled.is_set() and not running.finished
+        engine.cancel(waiting)  # twice: counted once
+        assert engine.snapshot()["active"] == 1
+    finally:
+        engine.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +483,10 @@ def test_feedback_records_under_concurrent_posts(server, ours):
     for body, param in [({"messages": convo, "rating": "meh"}, "rating"),
                         ({"messages": convo[:1], "rating": "bad"}, "messages"),
                         ({"messages": convo, "rating": "bad", "correction": 5}, "correction"),
-                        ({"messages": [{"role": "robot", "content": "x"}], "rating": "bad"}, "messages[0].role")]:
+                        ({"messages": [{"role": "robot", "content": "x"}], "rating": "bad"}, "messages[0].role"),
+                        # an empty answer rated good would teach the model to answer nothing
+                        ({"messages": [*convo[:1], {"role": "assistant", "content": None}], "rating": "good"}, "messages"),
+                        ({"messages": [*convo[:1], {"role": "assistant", "content": "  "}], "rating": "good"}, "messages")]:
         assert_error(post(server, "/v1/feedback", body), 400, param)
     assert len(server.feedback.read_text(encoding="utf-8").splitlines()) == n + 2
 
