@@ -336,6 +336,10 @@ def feedback_record(body: Any, model_id: str) -> dict:
     given (that is the training example), plus metadata train.py ignores."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    unknown = sorted(set(body) - {"messages", "rating", "correction"})
+    if unknown:  # as for chat requests: a misspelt field is an error, not silently dropped
+        raise ApiError(400, f"unknown field '{unknown[0]}' (feedback takes messages, rating, correction)",
+                       unknown[0], "invalid_value")
     messages = parse_messages(body.get("messages"))
     if messages[-1]["role"] != "assistant":
         raise ApiError(400, "the last message must be the assistant's answer being rated", "messages", "invalid_value")
@@ -348,6 +352,9 @@ def feedback_record(body: Any, model_id: str) -> dict:
     if correction is not None and not isinstance(correction, str):
         raise ApiError(400, "'correction' must be a string", "correction", "invalid_type")
     correction = (correction or "").strip() or None  # a blank box is no correction
+    if correction and rating == "good":
+        raise ApiError(400, "a correction goes with rating \"bad\" (a good answer needs none)", "correction",
+                       "invalid_value")
     original = messages[-1]["content"]
     if correction:
         messages[-1] = {"role": "assistant", "content": correction}

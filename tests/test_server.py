@@ -483,6 +483,8 @@ def test_feedback_records_under_concurrent_posts(server, ours):
     for body, param in [({"messages": convo, "rating": "meh"}, "rating"),
                         ({"messages": convo[:1], "rating": "bad"}, "messages"),
                         ({"messages": convo, "rating": "bad", "correction": 5}, "correction"),
+                        ({"messages": convo, "rating": "good", "correction": "Better."}, "correction"),
+                        ({"messages": convo, "rating": "bad", "corection": "typo"}, "corection"),
                         ({"messages": [{"role": "robot", "content": "x"}], "rating": "bad"}, "messages[0].role"),
                         # an empty answer rated good would teach the model to answer nothing
                         ({"messages": [*convo[:1], {"role": "assistant", "content": None}], "rating": "good"}, "messages"),
