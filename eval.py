@@ -23,7 +23,7 @@ import time
 from itertools import zip_longest
 from pathlib import Path
 
-from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, nonneg_int,
+from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, fail, given_flags, nonneg_int,
                          pick_device, pick_dtype, positive_int, precision_name, revision_unused,
                          sampling_ignored)
 
@@ -110,17 +110,17 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}: line {n}: invalid JSON ({e.msg})") from None
+                fail(f"{path}: line {n}: invalid JSON ({e.msg})")
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise SystemExit(f"error: {path}: line {n}: field 'prompt' must be a non-empty string")
+                fail(f"{path}: line {n}: field 'prompt' must be a non-empty string")
             if "kind" in rec and rec["kind"] not in ("harmful", "benign"):
-                raise SystemExit(f"error: {path}: line {n}: field 'kind' must be 'harmful' or 'benign', got {rec['kind']!r}")
+                fail(f"{path}: line {n}: field 'kind' must be 'harmful' or 'benign', got {rec['kind']!r}")
             out.append(rec)
     if not out:
-        raise SystemExit(f"error: {path}: no prompts in the file")
+        fail(f"{path}: no prompts in the file")
     with_kind = sum("kind" in r for r in out)
     if 0 < with_kind < len(out):  # safety probes and reference questions are scored differently: one kind per file
-        raise SystemExit(f"error: {path}: {with_kind} of {len(out)} prompts have a 'kind' (safety probes) and the "
+        fail(f"{path}: {with_kind} of {len(out)} prompts have a 'kind' (safety probes) and the "
                          f"rest do not; put safety probes and other prompts in separate files")
     return out[:limit] if limit else out
 
@@ -149,7 +149,7 @@ def heldout_rows(args, record: dict | None, run_dir: Path | None):
     split_file = run_dir / "split.json" if run_dir else None
     recorded = (record or {}).get("data", {}).get("sha256", {})
     if recorded and recorded != info.get("sha256"):  # row positions in other data are other rows
-        raise SystemExit(f"error: {run_dir} was trained on data with sha256 {recorded}, but {source} has "
+        fail(f"{run_dir} was trained on data with sha256 {recorded}, but {source} has "
                          f"{info.get('sha256')}: its held-out rows, recorded by position, would be other rows "
                          f"(training rows among them); pass --data with the run's data file")
     if split_file and split_file.exists():
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
             if part == "heldout":
                 exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len, long_rows=policy)
                 if not exs:  # a loss over no tokens would read 0.0, perplexity 1.0: a perfect score from nothing
-                    raise SystemExit(f"error: none of the {len(inp['loss_rows'])} held-out loss rows fits {max_len} "
+                    fail(f"none of the {len(inp['loss_rows'])} held-out loss rows fits {max_len} "
                                      f"tokens with longer rows {policy} (the run's --max-seq-len and --long-rows)")
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
                 res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         try:
             return load_pretrained(spec, None if is_local_model(spec) else args.revision, dtype=dtype, device=device)
         except WeightsError as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(str(e))
 
     model, tok, base_info = load(base_spec)
     if args.adapter:  # checked before the base's answers, which take minutes

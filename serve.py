@@ -17,7 +17,7 @@ import os
 import sys
 from typing import TextIO
 
-from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, given_flags, pick_device,
+from medlora.cli import (DEFAULT_NO_REPEAT_NGRAM, add_generation_flags, add_model_flags, fail, given_flags, pick_device,
                          pick_dtype, positive_int, revision_unused, sampling_ignored)
 from medlora.generate import GenConfig, stream_chat
 from medlora.tokenizer import MEDICAL_SYSTEM_PROMPT, ChatFormatError, with_safety_prompt
@@ -45,26 +45,26 @@ def build(args):
         try:
             spec = shipped.base_spec(adapter)
         except shipped.ShippedAdapterError as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(str(e))
     from medlora.lora import AdapterError, adapter_base_mismatch, load_adapter, read_adapter
 
     if adapter:
         try:
             read_adapter(adapter)  # one medlora cannot apply fails before the model loads
         except AdapterError as e:
-            raise SystemExit(f"error: --adapter: {e}") from None
+            fail(f"--adapter: {e}")
     try:
         model, tok, info = load_pretrained(spec, args.revision, dtype=pick_dtype(args.dtype, device), device=device)
     except WeightsError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     if adapter:
         try:
             problem = shipped.base_problem(adapter, info) if default else adapter_base_mismatch(adapter, info)
             if problem:
-                raise SystemExit(f"error: {problem}")
+                fail(problem)
             load_adapter(model, adapter, merge=True)
         except AdapterError as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(str(e))
         note = "; the shipped default, --base-only for the plain model" if default else ""
         print(f"[medlora] adapter: {adapter} (merged){note}", file=sys.stderr)
     else:
@@ -76,7 +76,7 @@ def build(args):
         try:  # after merging: the adapter is inside the quantised weights
             (quantize_int4 if kind == "int4" else quantize_int8)(model)
         except RuntimeError as e:
-            raise SystemExit(f"error: --{kind}: {e}") from None
+            fail(f"--{kind}: {e}")
         print(f"[medlora] {kind} weights (faster CPU decoding; answers may differ slightly from full precision)",
               file=sys.stderr)
     if getattr(args, "compile", False):

@@ -457,6 +457,7 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
     from medlora.checkpoint import CheckpointError
     from medlora.config import ConfigError
     from medlora.data import DataError, prepare
+    from medlora.tokenizer import ChatFormatError
     from medlora.lora import adapter_base_mismatch, inject_lora, load_adapter, parameter_report
     from medlora.trainer import train
     from medlora.weights import WeightsError, load_pretrained, sha256_file
@@ -508,6 +509,10 @@ def run(args: argparse.Namespace, argv, lora_cfg, tcfg, dist) -> int:
                      replay=args.replay, replay_weight=args.replay_weight)
     except DataError as e:
         say(f"error: {e}", file=sys.stderr)
+        return 2
+    except ChatFormatError as e:  # the model's own template cannot make the system/user/assistant chats
+        say(f"error: --model {model_info['path']}: its chat template cannot render a training chat ({e})",
+            file=sys.stderr)
         return 2
     if not ds.train:
         say(f"error: {no_examples_problem(ds.info, tok, args.max_seq_len)}", file=sys.stderr)

@@ -7,6 +7,8 @@ transformers' `generate` (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `re
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -16,6 +18,13 @@ def positive_int(s: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
+
+
+def fail(message: str) -> NoReturn:
+    """Stop a CLI on bad input: `error: message` on stderr and exit status 2, as argparse gives for a
+    bad flag (a bare SystemExit("error: ...") would exit 1, the status of a crash)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def nonneg_int(s: str) -> int:

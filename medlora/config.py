@@ -61,7 +61,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: attention/MLP biases are not supported")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
-        heads = cfg["num_attention_heads"]
+        heads = cfg.get("num_attention_heads")
+        if not heads:
+            raise ConfigError(f"{source}: missing required field 'num_attention_heads'")
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0]
@@ -84,6 +86,8 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:  # a field of the wrong type ("hidden_size": "576x")
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` that transformers' LlamaForCausalLM loads (old and new rope keys both)."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from jinja2.ext import loopcontrols
+from jinja2 import TemplateSyntaxError
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -47,8 +48,18 @@ def _raise(msg: str):
     raise ChatFormatError(msg)
 
 
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks the assistant's text for its own
+    masks; medlora finds that text itself): rendered as its body, as transformers renders it."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _jinja_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -76,7 +87,10 @@ class ChatTokenizer:
     extra_stop_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._template = _jinja_env().from_string(self.chat_template)
+        try:
+            self._template = _jinja_env().from_string(self.chat_template)
+        except TemplateSyntaxError as e:
+            raise ChatFormatError(f"chat template: {e.message} (line {e.lineno})") from None
         self.eos_id = self.token_id(self.eos_token)
         self.pad_id = self.token_id(self.pad_token) if self.pad_token else self.eos_id
         self.stop_ids = {self.eos_id} | {self.token_id(t) for t in self.extra_stop_tokens}
@@ -197,24 +211,33 @@ def load_tokenizer_folder(folder: str | os.PathLike) -> ChatTokenizer:
     folder = Path(folder)
     tj = folder / "tokenizer.json"
     if not tj.exists():
-        raise FileNotFoundError(f"{tj}: missing (medlora needs the fast-tokenizer file)")
-    tok = Tokenizer.from_file(str(tj))
+        raise ChatFormatError(f"{tj}: missing (medlora needs the fast-tokenizer file)")
+    try:
+        tok = Tokenizer.from_file(str(tj))
+    except Exception as e:  # the tokenizers library raises a bare Exception ("Model missing", bad JSON)
+        raise ChatFormatError(f"{tj}: cannot read ({e})") from None
     cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ChatFormatError(f"{cfg_path}: not valid JSON ({e})") from None
     template = cfg.get("chat_template")
     if (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text()
     if isinstance(template, list):  # named templates: take the default one
-        template = next(t["template"] for t in template if t.get("name") == "default")
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if not template:
-        raise ChatFormatError(f"{folder}: no chat template in tokenizer_config.json or chat_template.jinja")
+        raise ChatFormatError(f"{folder}: no (default) chat template in tokenizer_config.json or chat_template.jinja")
 
     def tok_str(v):
         return v.get("content") if isinstance(v, dict) else v
 
-    return ChatTokenizer(tok, template, eos_token=tok_str(cfg.get("eos_token")) or "<|im_end|>",
-                         bos_token=tok_str(cfg.get("bos_token")), pad_token=tok_str(cfg.get("pad_token")),
-                         unk_token=tok_str(cfg.get("unk_token")))
+    try:
+        return ChatTokenizer(tok, template, eos_token=tok_str(cfg.get("eos_token")) or "<|im_end|>",
+                             bos_token=tok_str(cfg.get("bos_token")), pad_token=tok_str(cfg.get("pad_token")),
+                             unk_token=tok_str(cfg.get("unk_token")))
+    except ChatFormatError as e:
+        raise ChatFormatError(f"{folder}: {e}") from None
 
 
 def show_mask(tok: ChatTokenizer, ids: list[int], labels: list[int], color: bool | None = None) -> str:

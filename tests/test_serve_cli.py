@@ -126,6 +126,8 @@ def test_serve_and_eval_default_to_no_repeat_4gram():
 def test_bad_flags_fail_before_loading():
     r = run(["--max-new-tokens", "0", "--prompt", "x"])
     assert r.returncode == 2 and "max-new-tokens" in r.stderr
+    r = run(["--model", "/no/such/model.gguf", "--base-only", "--prompt", "x"])  # bad input: 2, as for a bad flag
+    assert r.returncode == 2 and "error: --model '/no/such/model.gguf': no such file" in r.stderr, r.stderr
     r = run(["--port", "9000", "--max-batch", "4", "--prompt", "x"])  # HTTP settings without --http did nothing
     assert r.returncode == 2 and "--port, --max-batch only apply with --http" in r.stderr, r.stderr
 

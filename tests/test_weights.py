@@ -170,3 +170,95 @@ def test_hub_ids_load_through_huggingface_hub_from_its_cache(tmp_path, gguf_path
     rows, data_info = load_source(DEFAULT_DATA, verbose=False)
     assert data_info["kind"] == "hub" and data_info["commit"] == data_commit and "note" not in data_info
     assert rows == load_source(str(SHIPPED_DATA), verbose=False)[0]
+    # A cache holding part of a snapshot (config only) is named as such: the default model falls back
+    fake_hub_cache(cache, "model", "someone/partial", "c" * 40, {"config.json": tmp_path / "folder" / "config.json"})
+    with pytest.raises(WeightsError, match=r"snapshot .* lacks tokenizer.json, \*.safetensors"):
+        resolve_model("someone/partial", verbose=False)
+
+
+def test_broken_model_folders_are_errors_naming_the_file(tmp_path, ours):
+    """Whatever is wrong with a --model folder, load_pretrained says what and where (the CLIs print it and
+    exit 2); each of these was a traceback: a missing or unreadable tokenizer file, a template that does
+    not parse or is not there, a config without heads or not JSON. An adapter folder says so."""
+    import shutil
+
+    _, tok = ours
+    good = tmp_path / "good"
+    save_folder(tiny(), tok, good)
+    tok_cfg = json.loads((good / "tokenizer_config.json").read_text())
+    cfg = json.loads((good / "config.json").read_text())
+
+    def broken(name: str, change) -> str:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return str(folder)
+
+    cases = [
+        (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: missing"),
+        (lambda f: (f / "tokenizer.json").write_text("{}"), "tokenizer.json: cannot read"),
+        (lambda f: (f / "tokenizer_config.json").write_text("{oops"), "tokenizer_config.json: not valid JSON"),
+        (lambda f: (f / "tokenizer_config.json").write_text(json.dumps(
+            {**tok_cfg, "chat_template": [{"name": "tool_use", "template": "x"}]})), "no \\(default\\) chat template"),
+        (lambda f: (f / "tokenizer_config.json").write_text(json.dumps(
+            {**tok_cfg, "chat_template": "{% for m in messages %}"})), "chat template: .*line 1"),
+        (lambda f: (f / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "eos_token": "</s>"})),
+         "token '</s>' is not in the vocabulary"),
+        (lambda f: (f / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "num_attention_heads"})),
+         "config.json: missing required field 'num_attention_heads'"),
+        (lambda f: (f / "config.json").write_text("{"), "config.json: not valid JSON"),
+        (lambda f: (f / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8}})),
+         "rope scaling .* is not supported"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        folder = broken(f"case{i}", change)
+        with pytest.raises(WeightsError, match=message) as e:
+            load_pretrained(folder, verbose=False)
+        assert folder in str(e.value), e.value
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="it is a LoRA adapter folder: give it as --adapter"):
+        load_pretrained(str(adapter), verbose=False)
+
+
+def test_folders_transformers_loads_medlora_loads(tmp_path, ours):
+    """A tied model saved with safetensors' save_model keeps the shared tensor as lm_head.weight only, and
+    a template may use transformers' {% generation %} tag: both load (both were refused)."""
+    _, tok = ours
+    m = tiny(tied=True)
+    save_folder(m, tok, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = tok.chat_template.replace(  # the assistant's text inside the tag, as TRL's templates do
+        "' + message['content'] + '<|im_end|>' + '\n'}}",
+        "'}}{% generation %}{{ message['content'] }}{% endgeneration %}{{'<|im_end|>' + '\n'}}")
+    assert cfg["chat_template"] != tok.chat_template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    back, tok2, _ = load_pretrained(str(tmp_path), verbose=False)
+    idx = torch.tensor([tok.encode("hello there")])
+    with torch.no_grad():
+        assert torch.equal(back(idx), m(idx))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert tok2.encode_chat(chat) == tok.encode_chat(chat)
+
+
+def test_gguf_settings_medlora_does_not_implement_are_refused(gguf_path, monkeypatch):
+    """Rope scaling, a pre-tokenizer other than GPT-2's splitting, another architecture: refused by name
+    (the first two loaded silently and ran another model than the file describes)."""
+    import medlora.weights as w
+
+    real = w.read_gguf_file
+    for key, value, message in (("llama.rope.scaling.type", "linear", "rope scaling \\(linear"),
+                                ("tokenizer.ggml.pre", "llama-bpe", "pre-tokenizer 'llama-bpe' not supported"),
+                                ("general.architecture", "qwen2", "unsupported architecture 'qwen2'"),
+                                ("llama.attention.head_count", None, "lacks llama.attention.head_count")):
+        def fake(path, key=key, value=value):
+            meta, tensors = real(path)
+            return {**meta, key: value}, tensors
+
+        monkeypatch.setattr(w, "read_gguf_file", fake)
+        with pytest.raises(WeightsError, match=message):
+            w.read_gguf(gguf_path)
