@@ -169,7 +169,7 @@ def recorded_split(run: str) -> list[int] | str:
     """The held-out row indices a run folder recorded (split.json), or what is wrong with it."""
     f = Path(run) / "split.json"
     if not f.is_file():
-        return f"no split.json there (a run folder made by train.py holds one)" if Path(run).is_dir() else "no such folder"
+        return "no split.json there (a run folder made by train.py holds one)" if Path(run).is_dir() else "no such folder"
     try:
         index = json.loads(f.read_text())["val_index"]
         assert isinstance(index, list) and index and all(isinstance(i, int) for i in index)
