@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[medlora] wrote {out}/: " + ", ".join(n for n in MANAGED + FLAT_MANAGED if (out / n).exists()))
     m = record["metrics"]
     if m.get("base_val_loss") is not None and m.get("adapter_val_loss") is not None:
-        print(f"[medlora] val loss {m['base_val_loss']:.4f} (base) -> {m['adapter_val_loss']:.4f} (this adapter)")
+        start = "the adapter it started from" if (record.get("training") or {}).get("init_adapter") else "base"
+        print(f"[medlora] val loss {m['base_val_loss']:.4f} ({start}) -> {m['adapter_val_loss']:.4f} (this adapter)")
     return 0
 
 

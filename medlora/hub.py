@@ -233,13 +233,18 @@ def _evaluation(record: dict, metrics: dict, eval_report: dict | None) -> str:
     n_val = ((record.get("data") or {}).get("val") or {}).get("n")
     where = f"the {n_val:,} held-out MedQuAD examples of this run's validation split" if n_val else \
         "this run's held-out MedQuAD validation split"
+    split = record.get("split") or {}
+    grouped = (f"held out by run `{split['from']}`" if split.get("from")
+               else _grouping(record.get("data") or {}) + " so none is on both sides")
+    # step 0 is the model the run started from: the base, or the adapter of an earlier stage
+    start = "the adapter this stage started from (step 0)" if record.get("init_adapter") else "base model (step 0)"
     if base is not None or tuned is not None:
         out.append(f"Validation loss (mean cross-entropy per supervised answer token, nats) and perplexity on {where} "
-                   f"(never trained on; questions grouped so no question is on both sides), computed by the "
+                   f"(never trained on; {grouped}), computed by the "
                    f"training loop in {((record.get('train') or {}).get('precision')) or 'the run precision'}:")
         rows = ["| model | val loss | perplexity |", "|---|---:|---:|"]
         if base is not None:
-            rows.append(f"| base model (step 0) | {_num(base)} | {_num(metrics.get('base_val_ppl'), 2)} |")
+            rows.append(f"| {start} | {_num(base)} | {_num(metrics.get('base_val_ppl'), 2)} |")
         if tuned is not None:
             step = metrics.get("adapter_step")
             rows.append(f"| **this adapter**{f' (step {step})' if step is not None else ''} | **{_num(tuned)}** | "
@@ -250,8 +255,13 @@ def _evaluation(record: dict, metrics: dict, eval_report: dict | None) -> str:
                         f"{_num(metrics.get('best_val_ppl'), 2)} |")
         out.append("\n".join(rows))
         if metrics.get("ppl_ratio"):
-            out.append(f"Perplexity falls to {metrics['ppl_ratio']:.3f}x the base model's. Lower loss means the model "
-                       f"predicts MedQuAD-style answers better; it does not mean the answers are medically correct.")
+            ratio = metrics["ppl_ratio"]
+            why = (" (a stage trained mostly on other data, such as safety and general replay examples, may trade "
+                   "this away: judge it by the evaluation below)" if ratio >= 1 and record.get("init_adapter") else "")
+            out.append(f"Perplexity {'falls' if ratio < 1 else 'rises'} to {ratio:.3f}x that of the "
+                       f"{start.rsplit(' (', 1)[0].removeprefix('the ')}"
+                       f"{why}. Lower loss means the model predicts MedQuAD-style answers better; it does not mean "
+                       f"the answers are medically correct.")
     else:
         out.append("No validation loss was recorded for this adapter.")
     if eval_report:

@@ -297,6 +297,11 @@ def test_model_card_has_sections_and_real_numbers():
     training["split"].pop("from")
     card = model_card(training, rec["metrics"], None, base=rec["base"])
     assert "grouped by shared answer or question topic so none appears" in card
+    # a second stage: step 0 is the adapter it started from, and its loss may rise on purpose
+    training["init_adapter"] = "docs/runs/stage1/best_adapter"
+    card = model_card(training, {**rec["metrics"], "ppl_ratio": 1.05}, None, base=rec["base"])
+    assert "| the adapter this stage started from (step 0) |" in card and "| base model (step 0) |" not in card
+    assert "Perplexity rises to 1.050x that of the adapter this stage started from (a stage trained" in card
 
 
 def test_eval_report_and_standalone_adapter(tmp_path):
