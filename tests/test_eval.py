@@ -191,7 +191,7 @@ def test_base_cache_reuses_only_identical_inputs(tmp_path, gguf_path):
     assert ev.base_cache_file(**args) != key, "a change to medlora's code reused the cache"
 
 
-def test_heldout_rows_refuse_other_data_and_follow_the_run_split(tmp_path):
+def test_heldout_rows_refuse_other_data_and_follow_the_run_split(tmp_path, capsys):
     """The held-out rows are recorded by position in the run's data: other data (here the same rows,
     shuffled) would pick training rows as 'held out', so it is an error naming both hashes. A run folder
     without split.json gets its recorded seed and fraction, not the defaults."""
@@ -211,8 +211,9 @@ def test_heldout_rows_refuse_other_data_and_follow_the_run_split(tmp_path):
     table = pq.read_table(ROOT / "data" / "medquad" / "medquad.parquet")
     shuffled = tmp_path / "shuffled.parquet"
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), shuffled)
-    with pytest.raises(SystemExit, match="would be other rows"):
+    with pytest.raises(SystemExit) as e:
         eval_cli.heldout_rows(argparse.Namespace(**{**vars(args), "data": str(shuffled)}), record, run)
+    assert e.value.code == 2 and "would be other rows" in capsys.readouterr().err
     no_split = tmp_path / "run"
     no_split.mkdir()
     other = {**record, "split": {**record["split"], "seed": 3, "val_fraction": 0.05}}
