@@ -207,6 +207,9 @@ class LoRALinear(nn.Module):
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Wrap every target projection in a LoRALinear and freeze everything else; return the names."""
+    if lora_modules(model):  # (checked before freezing: a second call used to freeze the first LoRA's weights)
+        raise AdapterError("the model already has LoRA layers: inject into a model without them (or merge and "
+                           "load a fresh copy)")
     for p in model.parameters():
         p.requires_grad_(False)
     names = []

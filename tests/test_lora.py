@@ -411,6 +411,14 @@ def test_load_adapter_into_a_model_with_other_lora_layers_is_refused(tmp_path):
             load_adapter(t, tmp_path / "a")
 
 
+def test_injecting_twice_is_refused_and_leaves_the_first_lora_trainable():
+    m = tiny_model()
+    inject_lora(m, LoRAConfig(rank=4))
+    with pytest.raises(AdapterError, match="already has LoRA layers"):
+        inject_lora(m, LoRAConfig(rank=4))
+    assert all(p.requires_grad for p in lora_parameters(m))
+
+
 def test_load_adapter_into_a_merged_model_replaces_the_merged_update(tmp_path):
     x = torch.randint(0, 97, (1, 10))
     refs = {}
