@@ -225,6 +225,27 @@ def score_review(args) -> int:
     return 0
 
 
+def adapter_split_warning(adapter: str | None, run_dir: Path | None, val: list) -> str | None:
+    """An adapter evaluated on another run's held-out rows (--run) whose own run held out rows outside them:
+    it made its own split, so it may have trained on rows scored here (train.py --split-from prevents it)."""
+    if not (adapter and run_dir):
+        return None
+    own = Path(adapter).parent
+    split_file = own / "split.json"
+    if own.resolve() == run_dir.resolve() or not split_file.exists():
+        return None
+    try:
+        theirs = set(json.loads(split_file.read_text())["val_index"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    outside = len(theirs - {r.index for r in val})
+    if not outside:
+        return None
+    return (f"{outside} of the {len(theirs)} rows the adapter's run {own} held out are not held out by {run_dir}: "
+            f"that run made its own split, so it may have trained on rows scored here (train.py --split-from "
+            f"{run_dir} keeps a later stage on this split)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.score_review:
@@ -259,6 +280,10 @@ def main(argv=None) -> int:
     else:
         if "heldout" in args.only:
             val, split_note, data_info = heldout_rows(args, record, run_dir)
+            warning = adapter_split_warning(args.adapter, run_dir, val)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+                split_note += f" (warning: {warning})"
             rng = random.Random(args.seed)
             sample = rng.sample(val, min(args.limit, len(val)))
             inputs["heldout"] = {"questions": [r.question for r in sample], "refs": [r.answer for r in sample],

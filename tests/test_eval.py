@@ -220,3 +220,22 @@ def test_heldout_rows_refuse_other_data_and_follow_the_run_split(tmp_path, capsy
     val, note, _ = eval_cli.heldout_rows(args, other, no_split)
     rows, _ = clean_rows(load_source(verbose=False)[0])
     assert [r.index for r in val] == [r.index for r in split_rows(rows, 0.05, seed=3)[1]] and "seed 3" in note
+
+
+def test_an_adapter_from_a_run_with_its_own_split_is_flagged(tmp_path):
+    """eval.py --run R scores R's held-out rows; an adapter whose own run held out other rows made its own
+    split, so it may have trained on some of them (a second stage run without train.py --split-from R)."""
+    import eval as eval_cli
+    from medlora.data import Row
+
+    val = [Row("q", "a", None, i) for i in (1, 2, 3, 4)]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    for run, held in ((stage1, [1, 2, 3, 4]), (stage2, [3, 4, 9])):
+        (run / "adapter").mkdir(parents=True)
+        (run / "split.json").write_text(json.dumps({"val_index": held}))
+    warning = eval_cli.adapter_split_warning(str(stage2 / "adapter"), stage1, val)
+    assert warning and warning.startswith(f"1 of the 3 rows the adapter's run {stage2} held out") and "--split-from" in warning
+    (stage2 / "split.json").write_text(json.dumps({"val_index": [3, 4]}))  # a sample of stage 1's rows
+    assert eval_cli.adapter_split_warning(str(stage2 / "adapter"), stage1, val) is None
+    assert eval_cli.adapter_split_warning(str(stage1 / "adapter"), stage1, val) is None  # its own run
+    assert eval_cli.adapter_split_warning(str(ROOT / "adapters" / "medlora-r8"), stage1, val) is None  # a release
