@@ -121,7 +121,7 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     with_kind = sum("kind" in r for r in out)
     if 0 < with_kind < len(out):  # safety probes and reference questions are scored differently: one kind per file
         fail(f"{path}: {with_kind} of {len(out)} prompts have a 'kind' (safety probes) and the "
-                         f"rest do not; put safety probes and other prompts in separate files")
+             f"rest do not; put safety probes and other prompts in separate files")
     return out[:limit] if limit else out
 
 
@@ -140,7 +140,7 @@ def spread_sample(recs: list[dict]) -> list[dict]:
 
 def heldout_rows(args, record: dict | None, run_dir: Path | None):
     """The exact validation rows the run held out (from its split.json), or a fresh split."""
-    from medlora.data import clean_rows, load_source, split_rows
+    from medlora.data import clean_rows, load_source, recorded_held_out, split_rows
 
     source = args.data or (record or {}).get("data", {}).get("source")
     raw, info = load_source(source, verbose=False)
@@ -150,10 +150,10 @@ def heldout_rows(args, record: dict | None, run_dir: Path | None):
     recorded = (record or {}).get("data", {}).get("sha256", {})
     if recorded and recorded != info.get("sha256"):  # row positions in other data are other rows
         fail(f"{run_dir} was trained on data with sha256 {recorded}, but {source} has "
-                         f"{info.get('sha256')}: its held-out rows, recorded by position, would be other rows "
-                         f"(training rows among them); pass --data with the run's data file")
+             f"{info.get('sha256')}: its held-out rows, recorded by position, would be other rows "
+             f"(training rows among them); pass --data with the run's data file")
     if split_file and split_file.exists():
-        wanted = set(json.loads(split_file.read_text())["val_index"])
+        wanted = set(recorded_held_out(run_dir))
         val = [r for r in rows if r.index in wanted]
         note = f"the run's recorded split ({len(val)} validation rows, {split_file})"
     else:  # the split as the run's record describes it (a run folder without split.json), else the default
@@ -230,13 +230,14 @@ def adapter_split_warning(adapter: str | None, run_dir: Path | None, val: list) 
     it made its own split, so it may have trained on rows scored here (train.py --split-from prevents it)."""
     if not (adapter and run_dir):
         return None
+    from medlora.data import DataError, recorded_held_out
+
     own = Path(adapter).parent
-    split_file = own / "split.json"
-    if own.resolve() == run_dir.resolve() or not split_file.exists():
+    if own.resolve() == run_dir.resolve():
         return None
     try:
-        theirs = set(json.loads(split_file.read_text())["val_index"])
-    except (ValueError, KeyError, TypeError):
+        theirs = set(recorded_held_out(own))
+    except DataError:  # a release or a bare adapter: no split of its own to compare
         return None
     outside = len(theirs - {r.index for r in val})
     if not outside:
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
                 exs: list[Example] = build_examples(inp["loss_rows"], tok, max_len, long_rows=policy)
                 if not exs:  # a loss over no tokens would read 0.0, perplexity 1.0: a perfect score from nothing
                     fail(f"none of the {len(inp['loss_rows'])} held-out loss rows fits {max_len} "
-                                     f"tokens with longer rows {policy} (the run's --max-seq-len and --long-rows)")
+                         f"tokens with longer rows {policy} (the run's --max-seq-len and --long-rows)")
                 loss = evaluate_loss(model, exs, args.batch_size, tok.pad_id, precision, device)
                 res[part].update(loss=loss, ppl=math.exp(min(loss, 50)), loss_examples=len(exs),
                                  loss_rows=f"{len(exs)} of {len(inp['loss_rows'])} rows, at most {max_len} tokens, "

@@ -146,9 +146,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{kind}-data {path}: no such file (make it with `python -m {maker} --out {path}`, or train "
                     f"without it: --no-{kind}-data)")
     if args.split_from:
-        args.split_index = recorded_split(args.split_from)
-        if isinstance(args.split_index, str):
-            p.error(f"--split-from {args.split_from}: {args.split_index}")
+        from medlora.data import DataError, recorded_held_out
+
+        try:
+            args.split_index = recorded_held_out(args.split_from)
+        except DataError as e:
+            p.error(f"--split-from {args.split_from}: {e}")
         if "val_fraction" in args.given:
             p.error("--split-from takes the held-out rows from the run; --val-fraction cannot also set them")
     else:
@@ -165,26 +168,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def recorded_split(run: str) -> list[int] | str:
-    """The held-out row indices a run folder recorded (split.json), or what is wrong with it."""
-    f = Path(run) / "split.json"
-    if not f.is_file():
-        return "no split.json there (a run folder made by train.py holds one)" if Path(run).is_dir() else "no such folder"
-    try:
-        index = json.loads(f.read_text())["val_index"]
-        assert isinstance(index, list) and index and all(isinstance(i, int) for i in index)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        return f"{f} has no list of held-out rows (val_index)"
-    return index
-
-
 def split_change_warning(args: argparse.Namespace, val_index: list[int]) -> str | None:
     """Continuing an adapter whose run held out other rows: some of this run's validation rows were
     that run's training rows (its loss reads low), and rows it held out may be trained on here, so
     evaluating on its split (eval.py --run) would score trained-on rows. --split-from avoids both."""
+    from medlora.data import DataError, recorded_held_out
+
     run = Path(args.init_adapter).parent
-    theirs = None if args.split_from else recorded_split(str(run))
-    if not isinstance(theirs, list):
+    if args.split_from:
+        return None
+    try:
+        theirs = recorded_held_out(run)
+    except DataError:  # a release or a bare adapter: no split to compare
         return None
     outside = len(set(val_index) - set(theirs))
     if not outside:

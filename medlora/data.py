@@ -239,10 +239,14 @@ def question_topic(question: str) -> str:
     return _norm(q)
 
 
+def row_keys(r: Row) -> tuple[str, str]:
+    """What split_rows groups a row by: its normalised answer and its question topic."""
+    return "a:" + _norm(r.answer), "t:" + topic_key(r.question)
+
+
 def held_out_keys(rows: list[Row]) -> set[str]:
-    """The keys split_rows groups by (normalised answer, question topic), for checking other data against
-    the held-out rows."""
-    return {"a:" + _norm(r.answer) for r in rows} | {"t:" + topic_key(r.question) for r in rows}
+    """The keys split_rows groups by, for checking other data against the held-out rows."""
+    return {key for r in rows for key in row_keys(r)}
 
 
 def overlaps(messages: list[dict], keys: set[str]) -> bool:
@@ -272,7 +276,7 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
 
     first: dict[str, int] = {}
     for i, r in enumerate(rows):
-        for key in ("a:" + _norm(r.answer), "t:" + topic_key(r.question)):
+        for key in row_keys(r):
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
@@ -293,6 +297,21 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return train, val
 
 
+def recorded_held_out(run: str | os.PathLike) -> list[int]:
+    """The held-out row indices a run folder recorded in its split.json (DataError saying what is wrong)."""
+    f = Path(run) / "split.json"
+    if not f.is_file():
+        raise DataError("no split.json there (a run folder made by train.py holds one)" if Path(run).is_dir()
+                        else "no such folder")
+    try:
+        index = json.loads(f.read_text())["val_index"]
+    except (ValueError, KeyError, TypeError):
+        index = None
+    if not (isinstance(index, list) and index and all(isinstance(i, int) for i in index)):
+        raise DataError(f"{f} has no list of held-out rows (val_index)")
+    return index
+
+
 def recorded_split_rows(rows: list[Row], held_out_index: list[int], counts: Counter) -> tuple[list[Row], list[Row]]:
     """The split another run recorded (its held-out source rows): those rows are validation; the training
     side is every other row except those sharing an answer or question topic with one of them (a split
@@ -304,7 +323,7 @@ def recorded_split_rows(rows: list[Row], held_out_index: list[int], counts: Coun
                         "this data's cleaned rows: it was made from other data (or another cleaning)")
     keys = held_out_keys(val)
     train = [r for r in rows if r.index not in wanted
-             and not ({"a:" + _norm(r.answer), "t:" + topic_key(r.question)} & keys)]
+             and not keys.intersection(row_keys(r))]
     left_out = len(rows) - len(val) - len(train)
     if left_out:
         counts["shares an answer or topic with a recorded held-out row"] += left_out

@@ -237,14 +237,15 @@ def _evaluation(record: dict, metrics: dict, eval_report: dict | None) -> str:
     grouped = (f"held out by run `{split['from']}`" if split.get("from")
                else _grouping(record.get("data") or {}) + " so none is on both sides")
     # step 0 is the model the run started from: the base, or the adapter of an earlier stage
-    start = "the adapter this stage started from (step 0)" if record.get("init_adapter") else "base model (step 0)"
+    start_row, start = (("the adapter this stage started from (step 0)", "adapter this stage started from")
+                        if record.get("init_adapter") else ("base model (step 0)", "base model"))
     if base is not None or tuned is not None:
         out.append(f"Validation loss (mean cross-entropy per supervised answer token, nats) and perplexity on {where} "
                    f"(never trained on; {grouped}), computed by the "
                    f"training loop in {((record.get('train') or {}).get('precision')) or 'the run precision'}:")
         rows = ["| model | val loss | perplexity |", "|---|---:|---:|"]
         if base is not None:
-            rows.append(f"| {start} | {_num(base)} | {_num(metrics.get('base_val_ppl'), 2)} |")
+            rows.append(f"| {start_row} | {_num(base)} | {_num(metrics.get('base_val_ppl'), 2)} |")
         if tuned is not None:
             step = metrics.get("adapter_step")
             rows.append(f"| **this adapter**{f' (step {step})' if step is not None else ''} | **{_num(tuned)}** | "
@@ -258,8 +259,7 @@ def _evaluation(record: dict, metrics: dict, eval_report: dict | None) -> str:
             ratio = metrics["ppl_ratio"]
             why = (" (a stage trained mostly on other data, such as safety and general replay examples, may trade "
                    "this away: judge it by the evaluation below)" if ratio >= 1 and record.get("init_adapter") else "")
-            out.append(f"Perplexity {'falls' if ratio < 1 else 'rises'} to {ratio:.3f}x that of the "
-                       f"{start.rsplit(' (', 1)[0].removeprefix('the ')}"
+            out.append(f"Perplexity {'falls' if ratio < 1 else 'rises'} to {ratio:.3f}x that of the {start}"
                        f"{why}. Lower loss means the model predicts MedQuAD-style answers better; it does not mean "
                        f"the answers are medically correct.")
     else:

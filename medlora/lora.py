@@ -396,7 +396,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = Fals
 
 def _structure_clash(mods: dict[str, LoRALinear], cfg: LoRAConfig) -> str | None:
     """How a model's existing LoRA layers differ from an adapter's config, or None."""
-    scaling = cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)  # as LoRALinear computes it
+    scaling = cfg.scaling
     have_targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
     diffs = []
     if {m.rank for m in mods.values()} != {cfg.rank}:

@@ -230,9 +230,10 @@ def read_gguf(path: str | os.PathLike):
     return cfg, state, tok
 
 
-# tokenizer.ggml.pre values whose text splitting medlora reproduces: GPT-2's byte-level regex, with digits
-# split one by one for the last three (llama.cpp's names; "default" = no name written).
-GGUF_PRE_TOKENIZERS = {"default", "gpt2", "smollm", "starcoder", "refact"}
+# tokenizer.ggml.pre values whose text splitting medlora reproduces (llama.cpp's names; "default" = no name
+# written): GPT-2's byte-level regex, and for DIGIT_SPLIT the same with digits split one by one.
+DIGIT_SPLIT = {"smollm", "starcoder", "refact"}
+GGUF_PRE_TOKENIZERS = {"default", "gpt2"} | DIGIT_SPLIT
 
 
 def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
@@ -246,13 +247,14 @@ def gguf_tokenizer(meta: dict, path: str) -> ChatTokenizer:
     types = meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
-        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))  # these split digits one by one
-    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
-    if meta.get("tokenizer.ggml.pre", "default") not in GGUF_PRE_TOKENIZERS:  # others split text differently
-        raise WeightsError(f"{path}: pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} not supported (medlora splits "
+    pre_name = meta.get("tokenizer.ggml.pre", "default")
+    if pre_name not in GGUF_PRE_TOKENIZERS:  # others split text differently
+        raise WeightsError(f"{path}: pre-tokenizer {pre_name!r} not supported (medlora splits "
                            f"text as {', '.join(sorted(GGUF_PRE_TOKENIZERS))} do)")
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if pre_name in DIGIT_SPLIT:
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoders.ByteLevel()
     # CONTROL (3) and USER_DEFINED (4) tokens are matched whole, never split by BPE.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
