@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -198,6 +199,15 @@ class Attention(nn.Module):
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
+# SDPA's kernels by priority on CUDA when no mask tensor is needed (causal, or a query over its whole
+# cache): flash attention first. PyTorch 2.11 tried cuDNN's first, which builds an execution plan for each
+# new shape on the host: in the H200 profile (bench/results/profile-cuda-h200-s18.md) its forward and
+# backward took 2.1 and 3.0 ms of host time a call against ~0.02-0.07 ms on the GPU, 30% of a medlora
+# step's host time (68% of transformers', which passes a mask), while the GPU sat idle 95% of the step.
+CUDA_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                   SDPBackend.MATH]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with `mask`: "causal", a boolean tensor (True = may attend) or None."""
     # Grouped-query attention: each KV head serves n_head/n_kv query heads; `enable_gqa` lets SDPA
@@ -211,8 +221,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         r = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), False
     if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        mask, causal = None, True
+    else:
+        causal = False
+    if mask is None and q.is_cuda and not torch.compiler.is_compiling():  # (compiled blocks keep the default)
+        with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class SharedPrefix:

@@ -218,7 +218,9 @@ def compile_blocks(model: Llama, cuda_graphs: bool = False) -> None:
     `cuda_graphs`: on a GPU, each block's compiled forward and backward also replay as CUDA graphs
     (inductor's cudagraph trees): an H100 step of this model is bound by launching small kernels
     (bench/results/cuda.md). A graph is recorded per distinct shape, so batches should repeat theirs
-    (pad_to_multiple). Not yet measured on a GPU: the GPU bench's `compile+graphs` job is its first test.
+    (pad_to_multiple). On an H200 (torch 2.11, session 18) it crashed: a segmentation fault in a compiled
+    block's first backward, and a C++ (CPU) kernel compiled into a block's graph
+    (bench/results/cuda-graphs-probe-h200-s18.md); not yet understood, so train.py does not offer it.
     """
     for block in model.model.layers:
         block.compile(dynamic=True, options={"triton.cudagraphs": cuda_graphs})

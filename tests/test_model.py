@@ -119,3 +119,38 @@ def test_unknown_architecture_is_refused():
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ConfigError, match="missing required field"):
         ModelConfig.from_hf({"model_type": "llama", "num_attention_heads": 4})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["causal", None])
+def test_attend_without_a_mask_tensor_matches_the_math_kernel(device, mask):
+    """attend() with a causal or no mask: grouped-query attention as the math kernel computes it with the
+    KV heads copied, forward and backward. On CUDA in bf16 it must run flash attention (CUDA_SDPA_ORDER),
+    not cuDNN's kernel, whose per-shape plans cost milliseconds of host time a call (the H200 profile)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from medlora.model import attend
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 70, 64, generator=g).to(device, dtype).requires_grad_() for h in (9, 3, 3))
+    y = attend(q, k, v, mask)
+    (y.float() * y.float()).sum().backward()
+    got = [y.detach().float(), *(t.grad.float() for t in (q, k, v))]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        y2 = torch.nn.functional.scaled_dot_product_attention(
+            q2, k2.repeat_interleave(3, 1), v2.repeat_interleave(3, 1), is_causal=mask == "causal")
+    (y2.float() * y2.float()).sum().backward()
+    want = [y2.detach().float(), *(t.grad.float() for t in (q2, k2, v2))]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() <= tol
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            attend(q, k, v, mask).sum().backward()
+            torch.cuda.synchronize()
+        names = " ".join(e.key.lower() for e in prof.key_averages())
+        assert "flash" in names and "cudnn" not in names, names[:2000]
