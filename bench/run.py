@@ -211,6 +211,12 @@ def jobs_for(cfg: BenchConfig, base: dict, before_root: Path | None) -> list[tup
                                                      "share_prefix": not cpu}, ROOT) for prec in cfg.precisions]
     if cfg.extras and not cpu and "bf16" in cfg.precisions:  # on a GPU the usual stack keeps bf16 weights too
         jobs.append(("train", "hf+peft bf16 bf16-weights", {**common, "impl": "hf", "precision": "bf16", "bf16_weights": True}, ROOT))
+        # SDPA's kernel order, both ways on both sides: medlora with PyTorch's own (cuDNN first, as before session 18),
+        # transformers with medlora's (flash first; its padding mask then takes the memory-efficient kernel)
+        jobs += [("train", "medlora bf16 cudnn-first", {**common, "impl": "medlora", "precision": "bf16",
+                                                         "sdpa_order": "cudnn-first"}, ROOT),
+                 ("train", "hf+peft bf16 flash-first", {**common, "impl": "hf", "precision": "bf16",
+                                                        "sdpa_order": "flash-first"}, ROOT)]
         # compiled blocks replayed as CUDA graphs (compile_blocks(cuda_graphs=True); lengths padded to multiples of 64)
         jobs.append(("train", "medlora bf16 compile+graphs", {**common, "impl": "medlora", "precision": "bf16",
                                                               "compile": True, "cuda_graphs": True}, ROOT))

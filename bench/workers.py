@@ -11,6 +11,7 @@ reset after loading as VmHWM is on a CPU; every timed call ends with a device sy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import statistics
@@ -101,6 +102,15 @@ def matmul(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+def sdpa_order(name: str | None):
+    """The SDPA kernel order a job asks for: "flash-first" (medlora.model.CUDA_SDPA_ORDER), "cudnn-first"
+    (PyTorch 2.11's own on Hopper, what both sides ran before session 18), or None (the code's default)."""
+    from torch.nn.attention import SDPBackend as B
+
+    return {None: None, "flash-first": [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.MATH],
+            "cudnn-first": [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[name]
+
+
 def _medlora_train(spec: dict):
     from medlora.config import LoRAConfig
     from medlora.lora import inject_lora
@@ -113,6 +123,10 @@ def _medlora_train(spec: dict):
     model.to(device)
     inject_lora(model, LoRAConfig(rank=spec["rank"], alpha=2 * spec["rank"], dropout=spec["dropout"], targets=TARGETS))
     model.gradient_checkpointing = spec.get("grad_checkpoint", False)
+    if spec.get("sdpa_order"):  # attend()'s kernel order on CUDA
+        import medlora.model
+
+        medlora.model.CUDA_SDPA_ORDER = sdpa_order(spec["sdpa_order"])
     graphs = spec.get("cuda_graphs", False)  # (a GPU job; compile jobs never run `--before` commits)
     if spec.get("compile"):
         from medlora.trainer import compile_blocks
@@ -165,12 +179,18 @@ def _hf_train(spec: dict):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # Trainer's default on torch >= 2.8: adamw_torch_fused
     pad = spec["pad_id"]
+    order = sdpa_order(spec.get("sdpa_order"))
 
     def step(ids, labels, lengths):
         att = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()  # right padding
         ids, att, labels = ids.masked_fill(att == 0, pad).to(device), att.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
-            out = model(input_ids=ids, attention_mask=att, labels=labels)
+        with contextlib.ExitStack() as stack:  # (the backward pass runs the kernels the forward chose)
+            if order:
+                from torch.nn.attention import sdpa_kernel
+
+                stack.enter_context(sdpa_kernel(order, set_priority=True))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+                out = model(input_ids=ids, attention_mask=att, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

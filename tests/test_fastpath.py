@@ -318,6 +318,13 @@ def test_bench_on_cuda_runs_every_job_there_and_skips_the_cpu_only_paths(tmp_pat
     assert all(spec["device"] == "cuda" for _, _, spec, _ in jobs)
     assert not [x for x in labels if "int4" in x or "int8" in x or "llamacpp" in x]
     assert {"gen medlora bf16", "gen hf bf16", "medlora bf16", "hf+peft bf16"} <= set(labels)
+    # SDPA's kernel order both ways on both sides; "flash-first" is attend()'s own order on CUDA
+    from bench.workers import sdpa_order
+    from medlora.model import CUDA_SDPA_ORDER
+
+    orders = {label: spec.get("sdpa_order") for _, label, spec, _ in jobs if spec.get("sdpa_order")}
+    assert orders == {"medlora bf16 cudnn-first": "cudnn-first", "hf+peft bf16 flash-first": "flash-first"}
+    assert sdpa_order("flash-first") == CUDA_SDPA_ORDER != sdpa_order("cudnn-first")
     compiled = [bool(spec.get("compile")) for _, _, spec, _ in jobs]
     assert any(compiled) and compiled == sorted(compiled)  # a lease cut short loses the slow compiles only
     cpu_labels = [label for _, label, _, _ in jobs_for(BenchConfig(), {"gguf": "model.gguf"}, None)]
