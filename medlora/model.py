@@ -220,10 +220,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         # one fp32 query per row, decoding: there the math kernel's scores are small, the cache's copy is not).
         r = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), False
-    if isinstance(mask, str):  # "causal": the common case, lets SDPA pick its fastest kernel
-        mask, causal = None, True
-    else:
-        causal = False
+    causal = isinstance(mask, str)  # "causal": the common case, lets SDPA pick its fastest kernel
+    if causal:
+        mask = None
     if mask is None and q.is_cuda and not torch.compiler.is_compiling():  # (compiled blocks keep the default)
         with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
