@@ -8,7 +8,8 @@ What it measures (each job in a fresh process, see `bench/workers.py`):
   FLOP/s as a share of the matmul peak.
 - interleaved: medlora's and HF's training steps alternating batch by batch in one process, so
   their ratio is measured at one machine speed (separate runs drift 10-25% on a shared machine).
-- gen: greedy decoding tokens/s at batch 1 and 16, and prefill tokens/s of a ~512-token prompt.
+- gen: greedy decoding tokens/s at batch 1 and 16, and prefill tokens/s of a long prompt (512 tokens of
+  text in the chat frame: 618 tokens).
 
 Both sides load the same HF safetensors folder (written once from the bundled GGUF), train on the
 same length-bucketed batches (written once to `inputs.pt`), in the same precision; the `shuffled`
@@ -170,17 +171,21 @@ def run_job(job: str, spec: dict, work: Path, medlora_root: Path = ROOT, timeout
     paths = [str(medlora_root), str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     # Its own process group: a job past the timeout is killed with its children (inductor's compile workers).
-    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
+    # -X faulthandler: a worker that crashes in native code (a segfault) still says where.
+    p = subprocess.Popen([sys.executable, "-X", "faulthandler", str(ROOT / "bench" / "workers.py"), job, "--spec", str(path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        return {"error": f"timed out after {timeout:g} s"}
+        _, stderr = p.communicate()
+        return {"error": f"timed out after {timeout:g} s", "stderr_tail": stderr.strip().splitlines()[-20:]}
     lines = [x for x in stdout.splitlines() if x.startswith("BENCH ")]
     if p.returncode != 0 or not lines:
-        return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        rc = p.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
+        last = (stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"error": f"{how}: {last}", "stderr_tail": stderr.strip().splitlines()[-20:]}
     return json.loads(lines[-1][6:])
 
 
@@ -371,7 +376,9 @@ def markdown(record: dict) -> str:
     cfg, res, s = record["config"], record["results"], record["summary"]
     gpu = cfg.get("device", "cpu") == "cuda"
     mem = "peak GPU memory" if gpu else "peak RSS"  # torch.cuda.max_memory_allocated on a GPU
-    where = f"{record['machine']['cuda']} (CUDA)" if gpu else f"{record['machine']['cpu']} ({record['machine']['threads']} threads)"
+    # The jobs' own thread count (--threads sets it there; the parent's is the machine default).
+    threads = next((r["threads"] for r in res.values() if "threads" in r), record["machine"]["threads"])
+    where = f"{record['machine']['cuda']} (CUDA)" if gpu else f"{record['machine']['cpu']} ({threads} threads)"
     lines = [f"# bench `{cfg['name']}` — {record['date']}", "",
              f"{where}, torch {record['versions']['torch']}, "
              f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}. "
@@ -380,8 +387,8 @@ def markdown(record: dict) -> str:
              f"shuffled batches: {record['inputs']['shuffled_padding_share']:.1%}), {cfg['steps']} timed steps after "
              f"{cfg['warmup']} warm-up. Training FLOPs per real token: {s['train_flops_per_token'] / 1e9:.3f} G; "
              f"{s['train_flops_per_token_shared'] / 1e9:.3f} G when each batch's shared prefix (the system turn, "
-             f"{_prefix_note(record['inputs'])}) is computed once, as medlora does on a CPU (FLOP/s counts what a "
-             f"run executes).", *(["", record["note"]] if record.get("note") else []), "",
+             f"{_prefix_note(record['inputs'])}) is computed once, as medlora does on a CPU (FLOP/s counts this useful "
+             f"work; transformers, whose head runs at every position, executes more).", *(["", record["note"]] if record.get("note") else []), "",
              "## Training", "",
              f"| run | tokens/s | s/step | {mem} training (MB) | {mem} incl. load (MB) | GFLOP/s | FLOP util | first loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -478,7 +485,7 @@ def write_record(cfg: BenchConfig, inputs: dict, results: dict, meta: dict, out:
     """`out/NAME.json` (everything) and `out/NAME.md` (the tables) from the jobs' results."""
     results = keep_best_rounds(results)
     record = {**{k: v for k, v in meta.items() if k != "jobs" and v is not None}, "config": asdict(cfg),
-              "inputs": {k: v for k, v in inputs.items() if not k.endswith("row_lengths")}, "results": results}
+              "inputs": inputs, "results": results}  # (row lengths kept: the FLOPs can be recomputed)
     record["summary"] = summarise(cfg, inputs, results)
     (out / f"{cfg.name}.json").write_text(json.dumps(record, indent=2))
     md = markdown(record)
@@ -486,6 +493,20 @@ def write_record(cfg: BenchConfig, inputs: dict, results: dict, meta: dict, out:
     print(md)
     print(f"[bench] wrote {out / (cfg.name + '.json')} and .md", file=sys.stderr)
     return record
+
+
+def inputs_mismatch(cfg: BenchConfig, inputs: dict, results: dict) -> list[str]:
+    """The training results whose timed tokens differ from what `inputs` would time: a record's FLOPs
+    and padding figures must come from the batches its jobs ran."""
+    bad = []
+    for label, r in results.items():
+        if "error" in r or "tokens" not in r:
+            continue
+        key = "shuffled_row_lengths" if label.endswith(" shuffled") else "row_lengths"
+        want = sum(sum(b) for b in inputs[key][cfg.warmup: cfg.warmup + cfg.steps])
+        if r["tokens"] != want:
+            bad.append(f"{label} timed {r['tokens']} tokens, these inputs {want}")
+    return bad
 
 
 def from_partial(path: Path, out: str | None, work: str | None) -> int:
@@ -506,7 +527,11 @@ def from_partial(path: Path, out: str | None, work: str | None) -> int:
         Path(cfg.work).mkdir(parents=True, exist_ok=True)
         sys.path.insert(0, str(ROOT))
         inputs = prepare_inputs(cfg, Path(cfg.work))
-        note += " Its inputs were prepared again where the record was assembled (same data and weights)."
+        bad = inputs_mismatch(cfg, inputs, saved["results"])
+        if bad:  # the data preparation changed since the run (e.g. --limit-rows' sampling): FLOPs would be wrong
+            raise SystemExit(f"{path}: its inputs were not saved, and the ones prepared now are not what it timed: "
+                             + "; ".join(bad) + f". Assemble it with the code of its commit ({saved['commit']}).")
+        note += " Its inputs were prepared again where the record was assembled (the same timed tokens, checked)."
     meta["note"] = note.strip()
     write_record(cfg, inputs, saved["results"], meta, Path(cfg.out))
     return 0

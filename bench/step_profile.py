@@ -5,7 +5,8 @@ The bench says how fast each side is; this says why. On the H100 (bench/results/
 0.2-0.5 s for ~5 ms of matmul work, which points at the host launching small kernels: the report gives,
 per side, the wall time per step, the aten calls (nested ones included) and GPU kernels per step, the
 GPU's busy time (sum of kernel times) against the wall time, and the top operators by host (self CPU)
-and device time. Runs in one process, a few steps each; writes `OUT/profile-DEVICE.md`.
+and device time. Runs in one process, a few steps each; writes `OUT/profile-DEVICE.md`. The profiler
+slows the host, so as many batches again run unprofiled: the GPU's busy share is also given against them.
 """
 from __future__ import annotations
 
@@ -37,15 +38,27 @@ def profile_side(spec: dict, batches: list, warmup: int, steps: int, top: int) -
             step(ids, labels, lengths)
         sync(spec)
     wall = (time.perf_counter() - t) / len(timed)
+    # The profiler slows the host (more for the side with more calls: on the H200 a profiled step took 1.75x
+    # (medlora) and 2.6x (HF) the bench's). So the next batches run unprofiled too, at new shapes as the
+    # profiled ones were, and the GPU's busy share is given per token against that time as well.
+    plain = batches[warmup + steps: warmup + 2 * steps]
+    sync(spec)
+    t = time.perf_counter()
+    for ids, labels, lengths in plain:
+        step(ids, labels, lengths)
+    sync(spec)
+    plain_s_per_token = (time.perf_counter() - t) / max(1, sum(sum(b[2]) for b in plain))
     events = prof.key_averages()
     ops = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::"))
+    tokens = sum(sum(b[2]) for b in timed) / len(timed)
     summary = {"wall_s_per_step": wall, "aten_calls_per_step": ops / len(timed),  # nested calls counted too
-               "tokens_per_step": sum(sum(b[2]) for b in timed) / len(timed)}
+               "tokens_per_step": tokens, "unprofiled_s_per_step_at_these_tokens": plain_s_per_token * tokens}
     if cuda:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         summary["kernels_per_step"] = len(kernels) / len(timed)
         summary["gpu_busy_s_per_step"] = sum(e.device_time_total for e in kernels) / 1e6 / len(timed)
-        summary["gpu_busy_share"] = summary["gpu_busy_s_per_step"] / wall
+        summary["gpu_busy_share"] = summary["gpu_busy_s_per_step"] / wall  # of the profiled step
+        summary["gpu_busy_share_unprofiled"] = summary["gpu_busy_s_per_step"] / (plain_s_per_token * tokens)
     tables = events.table(sort_by="self_cpu_time_total", row_limit=top)
     if cuda:
         tables += "\n" + events.table(sort_by="self_device_time_total", row_limit=top)
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
     if a.quick:  # the bench's tiny batches, with rows long enough for a few of them
         cfg = quick_config(cfg)
         cfg.max_len = 256
-    cfg.warmup, cfg.steps = a.warmup, a.steps
+    cfg.warmup, cfg.steps = a.warmup, 2 * a.steps  # the profiled steps, then as many unprofiled
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(cfg, work)

@@ -215,14 +215,14 @@ def train(spec: dict) -> dict:
     w = spec["warmup"]
     losses, times = [], []
     extra_warmup = 0
-    if spec.get("cuda_graphs"):  # a CUDA graph is recorded at a shape's second run: each padded length the
-        seen = {}               # timed steps use runs twice first, so the timing is of replays
-        for ids, labels, lengths in batches[w: w + spec["steps"]]:
-            seen.setdefault(-(-ids.shape[1] // 64), (ids, labels, lengths))
-        for batch in list(seen.values()) * 2:
-            step(*batch)
-            extra_warmup += 1
     for i, (ids, labels, lengths) in enumerate(batches[: w + spec["steps"]]):
+        if i == w and spec.get("cuda_graphs"):  # a CUDA graph is recorded at a shape's second run: each padded
+            seen = {}                            # length the timed steps use runs twice first (after the first
+            for batch in batches[w: w + spec["steps"]]:  # loss is taken), so the timing is of replays
+                seen.setdefault(-(-batch[0].shape[1] // 64), batch)
+            for batch in list(seen.values()) * 2:
+                step(*batch)
+                extra_warmup += 1
         sync(spec)
         t = time.perf_counter()
         losses.append(step(ids, labels, lengths))

@@ -202,8 +202,8 @@ class Attention(nn.Module):
 # SDPA's kernels by priority on CUDA when no mask tensor is needed (causal, or a query over its whole
 # cache): flash attention first. PyTorch 2.11 tried cuDNN's first, which builds an execution plan for each
 # new shape on the host: in the H200 profile (bench/results/profile-cuda-h200-s18.md) its forward and
-# backward took 2.1 and 3.0 ms of host time a call against ~0.02-0.07 ms on the GPU, 30% of a medlora
-# step's host time (68% of transformers', which passes a mask), while the GPU sat idle 95% of the step.
+# backward took 2.1 and 3.0 ms of host time a call against ~0.02-0.07 ms on the GPU, 30% of a profiled
+# medlora step's host time (68% of transformers', which passes a mask), while the GPU sat idle >90% of a step.
 CUDA_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                    SDPBackend.MATH]
 

@@ -269,6 +269,18 @@ def test_a_cut_bench_run_keeps_its_finished_jobs_and_from_partial_makes_their_re
         B.main(args)  # a second cut run: the first one's partial is set aside, not overwritten
     kept = [p for p in (tmp_path / "res").glob("quick.partial-*.json")]
     assert len(kept) == 1 and json.loads(kept[0].read_text())["results"] == saved["results"]
+    # A partial without its inputs (older runs): they are prepared again, and must be what its jobs timed.
+    bare = tmp_path / "bare.partial.json"
+    no_inputs = {k: v for k, v in saved.items() if k != "inputs"}
+    bare.write_text(json.dumps(no_inputs))
+    again = ["--from-partial", str(bare), "--out", str(tmp_path / "rec2"), "--work", str(tmp_path / "work")]
+    with pytest.raises(SystemExit, match="medlora fp32 timed 1000 tokens, these inputs"):
+        B.main(again)
+    w, n = saved["config"]["warmup"], saved["config"]["steps"]
+    no_inputs["results"]["medlora fp32"]["tokens"] = sum(sum(b) for b in saved["inputs"]["row_lengths"][w: w + n])
+    bare.write_text(json.dumps(no_inputs))
+    assert B.main(again) == 0
+    assert "the same timed tokens, checked" in json.loads((tmp_path / "rec2" / "quick.json").read_text())["note"]
 
 
 def test_no_bench_module_shadows_the_standard_library():
@@ -289,6 +301,7 @@ def test_profile_reports_where_a_step_goes(tmp_path):
     assert "## medlora" in text and "aten::mm" in text
     figures = dict(line[2:].split(": ") for line in text.splitlines() if line.startswith("- "))
     assert float(figures["wall_s_per_step"]) > 0 and float(figures["aten_calls_per_step"]) > 100
+    assert 0 < float(figures["unprofiled_s_per_step_at_these_tokens"])  # the same work without the profiler
 
 
 def test_bench_keeps_the_fastest_of_the_alternating_runs_for_both_sides():
@@ -335,7 +348,22 @@ def test_bench_on_cuda_runs_every_job_there_and_skips_the_cpu_only_paths(tmp_pat
 
     assert share_prefix_default(torch.device("cpu")) and not share_prefix_default(torch.device("cuda"))
     spec = {"label": "slow", "tokens": 4096, "repeats": 100, "device": "cpu"}
-    assert run_job("matmul", spec, tmp_path, timeout=0.5) == {"error": "timed out after 0.5 s"}
+    assert run_job("matmul", spec, tmp_path, timeout=0.5)["error"] == "timed out after 0.5 s"
+
+
+def test_a_crashed_bench_worker_is_recorded_with_its_signal_and_where(tmp_path, monkeypatch):
+    """A worker killed by a signal (the H200's compile+graphs job segfaulted and was recorded as
+    "no output") is recorded with the signal's name and the traceback faulthandler printed."""
+    import bench.run as B
+
+    fake = tmp_path / "root" / "bench"
+    fake.mkdir(parents=True)
+    (fake / "workers.py").write_text("import os, signal\ndef crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\ncrash()\n")
+    monkeypatch.setattr(B, "ROOT", tmp_path / "root")
+    r = B.run_job("train", {"label": "crash"}, tmp_path)
+    assert r["error"].startswith("killed by SIGSEGV") and any("in crash" in x for x in r["stderr_tail"])
+    (fake / "workers.py").write_text("import sys\nsys.exit(3)\n")
+    assert B.run_job("train", {"label": "exit"}, tmp_path)["error"] == "exit 3: no output"
 
 
 def readme_performance_rows(rec: dict) -> list[str]:
@@ -368,8 +396,8 @@ def readme_performance_rows(rec: dict) -> list[str]:
         f"{tps('hf+peft fp32'):.0f} / {tps('hf+peft bf16'):.0f} | {tps('medlora fp32 no-share-prefix') / tps('hf+peft fp32'):.2f}× / "
         f"{tps('medlora bf16 no-share-prefix') / tps('hf+peft bf16'):.2f}× |",
         f"| training bf16 + `--grad-checkpoint` | {tps('medlora bf16 grad-checkpoint'):.0f} tok/s, "
-        f"{peak('medlora bf16 grad-checkpoint'):.1f} GB |",
-        f"| FLOP utilisation (of the FLOPs each run executes) fp32 / bf16 | {r['medlora fp32']['flop_util']:.0%} / {r['medlora bf16']['flop_util']:.0%} "
+        f"{peak('medlora bf16 grad-checkpoint'):.1f} GB training peak |",
+        f"| FLOP utilisation (useful FLOPs; see above) fp32 / bf16 | {r['medlora fp32']['flop_util']:.0%} / {r['medlora bf16']['flop_util']:.0%} "
         f"({r['medlora fp32 compile']['flop_util']:.0%} / {r['medlora bf16 compile']['flop_util']:.0%} with `--compile`) | "
         f"{r['hf+peft fp32']['flop_util']:.0%} / {r['hf+peft bf16']['flop_util']:.0%} |",
         f"| greedy decoding, batch 1, tokens/s | {b1('medlora'):.1f} ({b1('medlora-int8'):.1f} with `--int8`, "
@@ -384,7 +412,7 @@ def readme_performance_rows(rec: dict) -> list[str]:
         f"{g['medlora-int4+compile']['batch1_x_llamacpp']:.2f}× |",
         f"| greedy decoding, batch 16, tokens/s | {gb('gen medlora', 'batch16_tok_per_s'):.1f} | "
         f"{gb('gen hf', 'batch16_tok_per_s'):.1f} | {g['medlora']['batch16_x_hf']:.2f}× |",
-        f"| prefill, 512-token prompt, tokens/s | {gb('gen medlora', 'prefill_tok_per_s'):.0f} | "
+        f"| prefill, {gb('gen medlora', 'prefill_tokens')}-token prompt, tokens/s | {gb('gen medlora', 'prefill_tok_per_s'):.0f} | "
         f"{gb('gen hf', 'prefill_tok_per_s'):.0f} (llama.cpp: {gb('gen llamacpp', 'prefill_tok_per_s'):.0f}) | "
         f"{g['medlora']['prefill_x_hf']:.2f}× |",
         f"{tps('medlora bf16 fp32-weights'):.0f} → {tps('medlora bf16'):.0f} tok/s",
