@@ -71,7 +71,7 @@ def _read_table(path: Path) -> list[dict]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as e:
-                            raise DataError(f"{path}: row {n}: invalid JSON ({e.msg})") from None
+                            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: invalid UTF-8 near byte {e.start}") from None
         return rows
@@ -421,6 +421,15 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
     return out
 
 
+def _row_names(path: Path, n: int) -> list[str]:
+    """How an error names each record: "line L" in a JSON-lines file (blank lines are skipped, so the
+    record count is not the line number), "row N" elsewhere."""
+    if path.suffix.lower() != ".jsonl":
+        return [f"row {i}" for i in range(1, n + 1)]
+    with open(path, encoding="utf-8") as f:
+        return [f"line {i}" for i, line in enumerate(f, 1) if line.strip()]
+
+
 def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None,
                     skipped: Counter | None = None, held_out: set[str] | None = None) -> list[Example]:
     """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first. Rows left
@@ -431,7 +440,9 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
     from .tokenizer import with_safety_prompt
 
     out = []
-    for n, rec in enumerate(_read_table(Path(path)), 1):
+    rows = _read_table(Path(path))
+    where = _row_names(Path(path), len(rows))
+    for n, rec in enumerate(rows, 1):
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if isinstance(rec, dict) and rec.get("rating") == "bad" and not rec.get("correction"):
             skipped["bad answers without a correction"] += 1
@@ -441,12 +452,15 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
             if msgs[-1]["role"] != "assistant":
                 raise ChatFormatError("the last message must be the assistant's answer")
         except ChatFormatError as e:
-            raise DataError(f"{path}: row {n}: field 'messages': {e}") from None
+            raise DataError(f"{path}: {where[n - 1]}: field 'messages': {e}") from None
         if any(tok.control_token_in(m["content"]) for m in msgs):  # as MedQuAD rows holding one (build_examples)
             skipped["contains a chat control token"] += 1
             continue
         if not msgs[-1]["content"].strip():  # its only target would be <|im_end|>: "answer nothing"
             skipped["empty assistant answer"] += 1
+            continue
+        if any(m["role"] == "user" and not m["content"].strip() for m in msgs):  # an answer to nothing
+            skipped["empty user message"] += 1
             continue
         if held_out and overlaps(msgs, held_out):
             skipped["shares a question topic or answer with a held-out row"] += 1

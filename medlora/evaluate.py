@@ -215,8 +215,18 @@ def score_safety(answers: list[Answer], records: list[dict]) -> dict:
     return {"summary": summary, "items": scored}
 
 
+def has_keyword(text: str, keyword: str) -> bool:
+    """A keyword counts where a word starts with it: "faint" in "fainting", "itch" in "itchy", but not
+    "iron" in "environment", "arb" in "carbs" or "rest" in "interest" (a plain substring test counted
+    them); a number also ends where a number ends ("24" is not in "240")."""
+    k = keyword.strip().lower()
+    left = r"(?<!\w)" + (r"(?<!\d[.,])" if k[:1].isdigit() else "")
+    right = r"(?![.,]?\d)" if k[-1:].isdigit() else ""
+    return bool(k) and re.search(left + re.escape(k) + right, text.lower()) is not None
+
+
 def keyword_coverage(answers: list[Answer], records: list[dict]) -> dict:
-    cov = [mean(float(k.lower() in a.text.lower()) for k in r.get("keywords", [])) for a, r in zip(answers, records)]
+    cov = [mean(float(has_keyword(a.text, k)) for k in r.get("keywords", [])) for a, r in zip(answers, records)]
     return {"n": len(answers), "keyword_coverage": mean(cov), "ended_rate": mean(float(a.ended) for a in answers),
             "repeat4_rate": mean(float(has_repeated_ngram(a.text)) for a in answers),
             "mean_tokens": mean(a.n_tokens for a in answers)}

@@ -11,11 +11,14 @@ toward base behaviour on non-medical prompts without teaching it anything new.
 
 How: everyday prompts from hand-written templates x slot fillers (facts, arithmetic and simple
 logic, short writing, household advice, programming), decontaminated against every evaluation
-prompt with the same n-gram rules as `medlora.safety_data` (exact or near copies are dropped),
+prompt with the same n-gram rules as `medlora.safety_data` (exact or near copies are dropped; so is a
+prompt stating the same numbers as an evaluation one: "Calculate 12 times 11." against "What is 12
+multiplied by 11?", which an audit found in an earlier version of the file),
 answered greedily by the base model under the safe system prompt (the prompt training uses), and
 kept only if the answer is one we would want to rehearse: it ends its turn, has no repeated
 4-gram, does not wander into medical talk, and, where the prompt has a checkable answer (a
-capital, a sum), contains it; and nothing checkable around it is wrong: in the arithmetic and
+capital, a sum), contains it; and none of the checked mistakes is around it (narrow checks: an audit showed
+"The oldest is Ines, since Carla is older than Jonas." passing them): in the arithmetic and
 ordering answers every number is the question's or the answer's and every stated sum holds (no
 "multiply 5 by itself, which is 50. So 5 times 7 is 35"), and a hand review's list of wrong claims
 (`KNOWN_WRONG`: "Dublin, which is also the capital of the United Kingdom") is dropped. The rest
@@ -165,8 +168,15 @@ def _logic(r: random.Random) -> tuple[str, list[str]]:
             [DAYS[(d - k) % 7].lower()])
 
 
+def numbers_of(text: str) -> tuple[str, ...]:
+    """The numbers a prompt states, sorted: "Calculate 12 times 11." and "What is 12 multiplied by 11?"
+    are the same problem in other words, which the n-gram rules do not see."""
+    return tuple(sorted(re.findall(r"\d+(?:\.\d+)?", text)))
+
+
 def make_prompts(n: int, seed: int = 0, references: list[str] | None = None) -> tuple[list[dict], Counter]:
-    """Up to n unique, decontaminated prompts: [{"prompt", "category", "accept"}]."""
+    """Up to n unique, decontaminated prompts: [{"prompt", "category", "accept"}]. Besides the n-gram
+    rules, a prompt stating the same two or more numbers as an evaluation prompt is dropped."""
     refs = eval_prompts(_eval_files()) if references is None else references
     r = random.Random(seed)
     fixed = ([("fact", CAPITAL_Q[i % len(CAPITAL_Q)].format(c=c), COUNTRY_ACCEPT.get(cap, [cap.lower()]))
@@ -176,10 +186,15 @@ def make_prompts(n: int, seed: int = 0, references: list[str] | None = None) -> 
              + [("writing", w.format(t=t), []) for t in WRITING_TOPICS for w in r.sample(WRITING, 2)]
              + [("advice", q.format(a=a), []) for a in ADVICE for q in r.sample(ADVICE_Q, 1)])
     out, seen, counts = [], set(), Counter()
+    problems = {numbers_of(x) for x in refs if len(numbers_of(x)) >= 2}
 
     def add(cat: str, prompt: str, accept: list[str]) -> None:
-        if admit(prompt, seen, refs, counts):
-            out.append({"prompt": prompt, "category": cat, "accept": accept})
+        if not admit(prompt, seen, refs, counts):
+            return
+        if numbers_of(prompt) in problems:  # another wording of an evaluated problem teaches its answer
+            counts["dropped_same_numbers"] += 1
+            return
+        out.append({"prompt": prompt, "category": cat, "accept": accept})
 
     for item in fixed:
         add(*item)
@@ -298,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(records)} of {len(prompts)} base answers to {args.out}; dropped: "
           + ", ".join(f"{k} {v}" for k, v in why.items() if k != "kept")
           + f"; prompts dropped for overlap with evaluation prompts: "
-            f"{counts['dropped_exact'] + counts['dropped_near']}")
+            f"{counts['dropped_exact'] + counts['dropped_near'] + counts['dropped_same_numbers']}")
     print("kept per category: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(x['category'] for x in records).items())))
     return 0
 

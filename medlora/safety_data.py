@@ -1035,6 +1035,32 @@ def contamination(prompt: str, references: list[str]) -> str | None:
     return None
 
 
+# Function words left out when asking how much of a probe's *content* a training prompt shares.
+STOPWORDS = frozenset("""a an the and or but if so to of in on at for by with from into about as is are was were be been
+being am do does did done have has had i me my mine you your yours he him his she her it its we us our they them their
+this that these those what which who whom how when where why can could would should will shall may might must not no
+than then there here just very too also any some all each more most much many own same such only up down out off over
+again once further few other nor now s t don't i'm it's that's can't won't""".split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in words(text) if w not in STOPWORDS}
+
+
+def paraphrase_overlap(probes: list[dict], train: list[dict], share: float = 0.4) -> dict:
+    """What the wording check lets through: for each probe ({"prompt", "category"}), the training
+    prompt ({"prompt", "category"}) sharing the largest fraction of the probe's content words. Counts
+    the probes at `share` or more, and those whose nearest training prompt is in the probe's category."""
+    tsets = [(content_words(t["prompt"]), t["category"]) for t in train]
+    close = same_category = 0
+    for p in probes:
+        mine = content_words(p["prompt"])
+        best, cat = max(((len(mine & ws) / max(1, len(mine)), c) for ws, c in tsets), key=lambda x: x[0])
+        close += best >= share
+        same_category += cat == p["category"]
+    return {"probes": len(probes), "share": share, "close": close, "nearest_same_category": same_category}
+
+
 def admit(prompt: str, seen: set[str], references: list[str], counts: Counter) -> bool:
     """True for a prompt not drawn before and not too close to an evaluation prompt; otherwise
     counts why ("duplicate", "dropped_exact", "dropped_near") and returns False."""

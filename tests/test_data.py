@@ -144,17 +144,20 @@ def test_extra_chat_jsonl(tmp_path, ours):
     bad_feedback = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}],
                     "rating": "bad"}
     empty = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " \n"}]}  # "say nothing"
+    no_question = {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "Yes."}]}
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(json.dumps(r) for r in (long_row, bad_feedback, empty)) + "\n" + good.read_text())
+    mixed.write_text("\n".join(json.dumps(r) for r in (long_row, bad_feedback, empty, no_question)) + "\n" + good.read_text())
     skipped = Counter()
     assert len(load_chat_jsonl(mixed, tok, 512, skipped=skipped)) == 1
-    assert skipped == {"longer than 512 tokens": 1, "bad answers without a correction": 1, "empty assistant answer": 1}
+    assert skipped == {"longer than 512 tokens": 1, "bad answers without a correction": 1, "empty assistant answer": 1,
+                       "empty user message": 1}
+    # Errors name the file's line (blank lines are skipped, so the record count would point elsewhere).
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{oops\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: row 2: invalid JSON"):
+    bad.write_text("\n\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 4: invalid JSON"):
         load_chat_jsonl(bad, tok, 512)
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: row 1: field 'messages': .*assistant"):
+    bad.write_text("\n\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 3: field 'messages': .*assistant"):
         load_chat_jsonl(bad, tok, 512)
 
 

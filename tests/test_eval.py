@@ -239,3 +239,16 @@ def test_an_adapter_from_a_run_with_its_own_split_is_flagged(tmp_path):
     assert eval_cli.adapter_split_warning(str(stage2 / "adapter"), stage1, val) is None
     assert eval_cli.adapter_split_warning(str(stage1 / "adapter"), stage1, val) is None  # its own run
     assert eval_cli.adapter_split_warning(str(ROOT / "adapters" / "medlora-r8"), stage1, val) is None  # a release
+
+
+def test_keywords_count_at_word_starts_only():
+    """An audit found "Carbs and interest in your environment matter." covering the keywords iron, arb and
+    rest in full (substrings); a keyword counts only where a word starts with it."""
+    from medlora.evaluate import Answer, has_keyword, keyword_coverage
+
+    text = "Carbs and interest in your environment matter."
+    assert keyword_coverage([Answer(text, 10, True)], [{"keywords": ["iron", "arb", "rest"]}])["keyword_coverage"] == 0.0
+    assert has_keyword("Fainting and an itchy rash; take iron.", "faint") and has_keyword("itchy", "itch")
+    assert has_keyword("Take IRON daily.", "iron") and has_keyword("within 24 hours", "24")
+    assert not has_keyword("within 240 hours", "24") and not has_keyword("2.45 mg", "45")
+    assert keyword_coverage([Answer("Rest, and take iron.", 5, True)], [{"keywords": ["iron", "rest"]}])["keyword_coverage"] == 1.0
