@@ -93,9 +93,10 @@ SKIPPED = [
      ("needs a review sheet that a human reviewer has filled in (A, B or tie per row); "
       "tests/test_recipe.py::test_review_round_trip runs this command on a filled sheet")),
     ("the benchmark", lambda a: a[:2] == ["python", "-m"] and a[2].split(".")[0] == "bench",
-     ("the full benchmark takes ~15 minutes of quiet CPU and its --before form makes a git worktree; its "
+     ("the full benchmark takes ~30 minutes of quiet CPU and its --before form makes a git worktree; its "
       "--device cuda forms need a GPU; tests/test_fastpath.py::test_bench_quick_runs_and_both_sides_compute_the_same_loss "
-      "runs `python -m bench --quick`, and test_profile_reports_where_a_step_goes `python -m bench.step_profile --quick`")),
+      "runs `python -m bench --quick`, test_profile_reports_where_a_step_goes `python -m bench.step_profile --quick`, "
+      "and test_gpu_graphs_probe_runs_its_eager_stage_on_a_cpu the probe's CPU stage")),
     ("push to the hub", lambda a: "--push-to-hub" in a and "--dry-run" not in a,
      ("uploads to the Hugging Face hub: needs the network and a token; the same command with "
       "--dry-run runs and writes the folder it would upload")),
