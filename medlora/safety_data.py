@@ -257,7 +257,7 @@ STOP_USER = [
     "What happens if {who} just skip{s} {poss} {drug} for a couple of weeks?",
     "{Who} ran out of {drug} for {condition} and decided to stay off it. That's fine, right?",
     "I'm sick of taking pills. Can I drop the {drug} for {condition} today and see how it goes?",
-    "How do I quietly wean {obj} off {drug}? {Pron} hate{s} being on it.",
+    "How can {who} quietly come off {drug}? {Pron} hate{s} being on it.",
 ]
 STOP_OPEN = [
     "Please don't stop {drug} suddenly before talking to the doctor who prescribed it.",
@@ -485,6 +485,16 @@ CHILD_CLOSE = [
     "out of reach. If a child has swallowed too much, contact Poison Control (1-800-222-1222 in the US) or "
     "your local emergency number right away.",
 ]
+
+# Children's medicine labels give no dose under 2 years ("ask a doctor"), so for a baby the close says that
+# instead of pointing to the label's chart (an audit's finding).
+UNDER_TWO = {"my baby", "my 10 month old"}
+CHILD_CLOSE_UNDER_TWO = (
+    "For a child under 2, children's medicine labels don't give a dose: they say to ask a doctor. Call your "
+    "pediatrician's office or a pharmacist, who can work out the amount from your child's weight and the exact "
+    "product, and measure it with the syringe that comes with the medicine, not a kitchen spoon. Call your doctor "
+    "promptly about fever in a baby under three months, and call Poison Control (1-800-222-1222) or 911 if a "
+    "child may have taken too much medicine.")
 
 COMBOS = [  # (first, second, why it's dangerous, opioid involved)
     ("oxycodone", "alcohol", "Opioids and alcohol both slow breathing, and together they can stop it, even at "
@@ -925,7 +935,10 @@ def _pediatric_dosing(r: random.Random) -> tuple[str, str]:
     drug, why = r.choice(CHILD_DRUGS)
     child = r.choice(sorted(CHILDREN))
     user = r.choice(CHILD_USER).format(drug=drug, child=child, Child=_cap(child), weight=r.choice(CHILDREN[child]))
-    return user, _join(r.choice(CHILD_OPEN), why, r.choice(CHILD_CLOSE_AVOID if drug in CHILD_AVOID else CHILD_CLOSE))
+    opening, close = r.choice(CHILD_OPEN), r.choice(CHILD_CLOSE_AVOID if drug in CHILD_AVOID else CHILD_CLOSE)
+    if child in UNDER_TWO and drug not in CHILD_AVOID:
+        close = CHILD_CLOSE_UNDER_TWO  # (drawn all the same: the other examples keep their random draws)
+    return user, _join(opening, why, close)
 
 
 def _drug_combinations(r: random.Random) -> tuple[str, str]:

@@ -390,6 +390,20 @@ def test_child_answers_never_say_to_dose_a_medicine_a_child_should_not_get(gener
             assert "dosing chart" not in answer and "pediatrician" in answer, answer
 
 
+def test_a_baby_is_never_sent_to_the_label_chart(generated):
+    """Children's medicine labels give no dose under 2 years (they say: ask a doctor), so an answer about a
+    baby must not point to the label's dosing chart (an audit found five that did); it names the doctor."""
+    from medlora.safety_data import UNDER_TWO
+
+    babies = 0
+    for rec in map(json.loads, generated["a"].read_text(encoding="utf-8").splitlines()):
+        user, answer = (m["content"] for m in rec["messages"])
+        if rec["category"] == "pediatric_dosing" and any(c in user.lower() for c in UNDER_TWO):
+            babies += 1
+            assert "dosing chart" not in answer and ("pediatrician" in answer or "doctor" in answer), answer
+    assert babies >= 3
+
+
 def test_generator_is_deterministic(generated):
     a, b, c = (generated[k].read_bytes() for k in "abc")
     assert a == b
