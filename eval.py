@@ -230,15 +230,12 @@ def adapter_split_warning(adapter: str | None, run_dir: Path | None, val: list) 
     it made its own split, so it may have trained on rows scored here (train.py --split-from prevents it)."""
     if not (adapter and run_dir):
         return None
-    from medlora.data import DataError, recorded_held_out
+    from medlora.data import adapter_run_split
 
-    own = Path(adapter).parent
-    if own.resolve() == run_dir.resolve():
+    found = adapter_run_split(adapter)
+    if found is None or found[0].resolve() == run_dir.resolve():
         return None
-    try:
-        theirs = set(recorded_held_out(own))
-    except DataError:  # a release or a bare adapter: no split of its own to compare
-        return None
+    own, theirs = found
     outside = len(theirs - {r.index for r in val})
     if not outside:
         return None

@@ -172,16 +172,13 @@ def split_change_warning(args: argparse.Namespace, val_index: list[int]) -> str 
     """Continuing an adapter whose run held out other rows: some of this run's validation rows were
     that run's training rows (its loss reads low), and rows it held out may be trained on here, so
     evaluating on its split (eval.py --run) would score trained-on rows. --split-from avoids both."""
-    from medlora.data import DataError, recorded_held_out
+    from medlora.data import adapter_run_split
 
-    run = Path(args.init_adapter).parent
-    if args.split_from:
+    own = None if args.split_from else adapter_run_split(args.init_adapter)
+    if own is None:
         return None
-    try:
-        theirs = recorded_held_out(run)
-    except DataError:  # a release or a bare adapter: no split to compare
-        return None
-    outside = len(set(val_index) - set(theirs))
+    run, theirs = own
+    outside = len(set(val_index) - theirs)
     if not outside:
         return None
     return (f"{outside} of this run's {len(val_index)} validation rows were not held out by {run} (the run behind "

@@ -51,14 +51,15 @@ def profile_side(spec: dict, batches: list, warmup: int, steps: int, top: int) -
     events = prof.key_averages()
     ops = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::"))
     tokens = sum(sum(b[2]) for b in timed) / len(timed)
+    unprofiled = plain_s_per_token * tokens  # seconds an unprofiled step takes at the profiled steps' size
     summary = {"wall_s_per_step": wall, "aten_calls_per_step": ops / len(timed),  # nested calls counted too
-               "tokens_per_step": tokens, "unprofiled_s_per_step_at_these_tokens": plain_s_per_token * tokens}
+               "tokens_per_step": tokens, "unprofiled_s_per_step_at_these_tokens": unprofiled}
     if cuda:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         summary["kernels_per_step"] = len(kernels) / len(timed)
         summary["gpu_busy_s_per_step"] = sum(e.device_time_total for e in kernels) / 1e6 / len(timed)
         summary["gpu_busy_share"] = summary["gpu_busy_s_per_step"] / wall  # of the profiled step
-        summary["gpu_busy_share_unprofiled"] = summary["gpu_busy_s_per_step"] / (plain_s_per_token * tokens)
+        summary["gpu_busy_share_unprofiled"] = summary["gpu_busy_s_per_step"] / unprofiled
     tables = events.table(sort_by="self_cpu_time_total", row_limit=top)
     if cuda:
         tables += "\n" + events.table(sort_by="self_device_time_total", row_limit=top)

@@ -105,10 +105,18 @@ def matmul(spec: dict) -> dict:
 def sdpa_order(name: str | None):
     """The SDPA kernel order a job asks for: "flash-first" (medlora.model.CUDA_SDPA_ORDER), "cudnn-first"
     (PyTorch 2.11's own on Hopper, what both sides ran before session 18), or None (the code's default)."""
+    if name is None:
+        return None
+    if name == "flash-first":
+        from medlora.model import CUDA_SDPA_ORDER
+
+        return list(CUDA_SDPA_ORDER)
     from torch.nn.attention import SDPBackend as B
 
-    return {None: None, "flash-first": [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.MATH],
-            "cudnn-first": [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[name]
+    return {"cudnn-first": [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[name]
+
+
+GRAPH_PAD = 64  # CUDA-graph jobs pad lengths to multiples of this: a few shapes, each recorded once
 
 
 def _medlora_train(spec: dict):
@@ -153,7 +161,7 @@ def _medlora_train(spec: dict):
         if graphs:  # lengths padded to multiples of 64, so CUDA graphs recorded for a length replay
             from medlora.trainer import pad_to_multiple
 
-            ids, labels = pad_to_multiple(ids, labels, spec["pad_id"], 64)
+            ids, labels = pad_to_multiple(ids, labels, spec["pad_id"], GRAPH_PAD)
             torch.compiler.cudagraph_mark_step_begin()
         loss, _ = accumulate_gradients(model, [(ids, labels)], spec["precision"], device, **share)
         opt.step()
@@ -219,7 +227,7 @@ def train(spec: dict) -> dict:
         if i == w and spec.get("cuda_graphs"):  # a CUDA graph is recorded at a shape's second run: each padded
             seen = {}                            # length the timed steps use runs twice first (after the first
             for batch in batches[w: w + spec["steps"]]:  # loss is taken), so the timing is of replays
-                seen.setdefault(-(-batch[0].shape[1] // 64), batch)
+                seen.setdefault(-(-batch[0].shape[1] // GRAPH_PAD), batch)
             for batch in list(seen.values()) * 2:
                 step(*batch)
                 extra_warmup += 1

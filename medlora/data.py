@@ -46,7 +46,9 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _read_table(path: Path) -> list[dict]:
+def _read_table(path: Path, line_numbers: list[int] | None = None) -> list[dict]:
+    """The file's records. For JSON lines, `line_numbers` (if given) receives each record's line in the
+    file: blank lines are skipped, so a record's count is not its line."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -70,6 +72,8 @@ def _read_table(path: Path) -> list[dict]:
                     if line.strip():
                         try:
                             rows.append(json.loads(line))
+                            if line_numbers is not None:
+                                line_numbers.append(n)
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
             except UnicodeDecodeError as e:
@@ -312,6 +316,16 @@ def recorded_held_out(run: str | os.PathLike) -> list[int]:
     return index
 
 
+def adapter_run_split(adapter: str | os.PathLike) -> tuple[Path, set[int]] | None:
+    """The run folder an adapter was saved in and the held-out rows that run recorded, or None for an
+    adapter outside a run folder (a release, a bare adapter): there is no split of its own to compare."""
+    run = Path(adapter).parent
+    try:
+        return run, set(recorded_held_out(run))
+    except DataError:
+        return None
+
+
 def recorded_split_rows(rows: list[Row], held_out_index: list[int], counts: Counter) -> tuple[list[Row], list[Row]]:
     """The split another run recorded (its held-out source rows): those rows are validation; the training
     side is every other row except those sharing an answer or question topic with one of them (a split
@@ -421,15 +435,6 @@ def build_examples(rows: list[Row], tok: ChatTokenizer, max_len: int, long_rows:
     return out
 
 
-def _row_names(path: Path, n: int) -> list[str]:
-    """How an error names each record: "line L" in a JSON-lines file (blank lines are skipped, so the
-    record count is not the line number), "row N" elsewhere."""
-    if path.suffix.lower() != ".jsonl":
-        return [f"row {i}" for i in range(1, n + 1)]
-    with open(path, encoding="utf-8") as f:
-        return [f"line {i}" for i, line in enumerate(f, 1) if line.strip()]
-
-
 def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, source: str | None = None,
                     skipped: Counter | None = None, held_out: set[str] | None = None) -> list[Example]:
     """Extra SFT data: one {"messages": [...]} per line; the safe system prompt is put first. Rows left
@@ -440,8 +445,10 @@ def load_chat_jsonl(path: str | os.PathLike, tok: ChatTokenizer, max_len: int, s
     from .tokenizer import with_safety_prompt
 
     out = []
-    rows = _read_table(Path(path))
-    where = _row_names(Path(path), len(rows))
+    lines: list[int] = []
+    rows = _read_table(Path(path), lines)
+    # how an error names a record: its line in a JSON-lines file, its row elsewhere
+    where = [f"line {i}" for i in lines] if lines else [f"row {i}" for i in range(1, len(rows) + 1)]
     for n, rec in enumerate(rows, 1):
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if isinstance(rec, dict) and rec.get("rating") == "bad" and not rec.get("correction"):

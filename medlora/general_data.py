@@ -186,7 +186,7 @@ def make_prompts(n: int, seed: int = 0, references: list[str] | None = None) -> 
              + [("writing", w.format(t=t), []) for t in WRITING_TOPICS for w in r.sample(WRITING, 2)]
              + [("advice", q.format(a=a), []) for a in ADVICE for q in r.sample(ADVICE_Q, 1)])
     out, seen, counts = [], set(), Counter()
-    problems = {numbers_of(x) for x in refs if len(numbers_of(x)) >= 2}
+    problems = {k for k in map(numbers_of, refs) if len(k) >= 2}
 
     def add(cat: str, prompt: str, accept: list[str]) -> None:
         if not admit(prompt, seen, refs, counts):
