@@ -819,3 +819,44 @@ def test_gpu_graphs_probe_runs_its_eager_stage_on_a_cpu(capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[probe] eager tiny step")]
     losses = [float(x.split(" loss ")[1].split()[0]) for x in lines]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses) and len(set(losses)) > 1
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantised_model_fuses_the_projections_that_read_one_input(kind):
+    """q, k and v (and gate and up) become one quantised layer of their stacked rows: 4 kernel calls a
+    block instead of 7 when decoding, with exactly the numbers of quantising each projection alone (rows
+    and groups are quantised independently), LoRA merged first as before."""
+    from helpers import randomize_lora, tiny_model
+
+    from medlora import quant
+    from medlora.config import LoRAConfig
+    from medlora.lora import inject_lora, merge_lora
+
+    if not (quant.int8_supported() and (kind == "int8" or quant.int4_supported())):
+        pytest.skip(f"this PyTorch build has no {kind} weight-only CPU kernel")
+    model = tiny_model(seed=3, hidden_size=64, intermediate_size=128)  # int4 needs multiples of 32 inputs
+    inject_lora(model, LoRAConfig(rank=4))
+    randomize_lora(model)
+    model.eval()
+    fused = (quant.quantize_int8 if kind == "int8" else quant.quantize_int4)(copy.deepcopy(model))
+    make = (lambda w: quant.Int4Linear(w) if quant.int4_fits(w) else quant.Int8Linear(w)) if kind == "int4" else quant.Int8Linear
+    merged = copy.deepcopy(model)
+    merge_lora(merged)
+    apart = copy.deepcopy(fused)  # the same model with each projection quantised alone, as before the fusion
+    for block, src in zip(apart.model.layers, merged.model.layers):
+        block.self_attn.qkv_proj = block.mlp.gate_up_proj = None
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(block.self_attn, name, make(getattr(src.self_attn, name).weight))
+        for name in ("gate_proj", "up_proj"):
+            setattr(block.mlp, name, make(getattr(src.mlp, name).weight))
+    layers = [m for m in fused.modules() if isinstance(m, (quant.Int8Linear, quant.Int4Linear))]
+    assert len(layers) == 4 * len(fused.model.layers) + 1  # qkv, o, gate_up, down per block; the head
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj") and not hasattr(fused.model.layers[0].mlp, "up_proj")
+    if kind == "int4":
+        assert isinstance(fused.model.layers[0].self_attn.qkv_proj, quant.Int4Linear)
+    ids = torch.tensor([[5, 9, 17, 3, 44, 2, 8, 60, 7, 1]])
+    with torch.no_grad():
+        got, want = fused(ids), apart(ids)
+    assert torch.equal(got, want)
+    cfg = GenConfig(max_new_tokens=6)
+    assert [s for s in generate_ids(fused, [[5, 9, 17]], cfg)] == [s for s in generate_ids(apart, [[5, 9, 17]], cfg)]
