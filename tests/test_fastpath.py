@@ -860,3 +860,51 @@ def test_quantised_model_fuses_the_projections_that_read_one_input(kind):
     assert torch.equal(got, want)
     cfg = GenConfig(max_new_tokens=6)
     assert [s for s in generate_ids(fused, [[5, 9, 17]], cfg)] == [s for s in generate_ids(apart, [[5, 9, 17]], cfg)]
+
+
+def test_readme_xeon_numbers_come_from_their_bench_records():
+    """The README's session-19 Xeon table is bench/results/cpu-xeon-s19.json's (training) and
+    cpu-xeon-gen-s19.json's (decoding, after the fused projections)."""
+    rec = json.loads((ROOT / "bench" / "results" / "cpu-xeon-s19.json").read_text())
+    gen = json.loads((ROOT / "bench" / "results" / "cpu-xeon-gen-s19.json").read_text())
+    assert "Xeon" in rec["machine"]["cpu"] and "Xeon" in gen["machine"]["cpu"]
+    r, s, inter = rec["results"], rec["summary"]["train"], rec["summary"]["interleaved"]
+    g, gs = gen["results"], gen["summary"]["gen"]
+
+    def tps(label):
+        return f"{r[label]['tok_per_s']:,.0f}"
+
+    def gb(label):
+        return f"{r[label]['train_peak_mb'] / 1000:.1f}"
+
+    rows = [
+        f"| training fp32, tokens/s | {tps('medlora fp32')} ({tps('medlora fp32 compile')} with `--compile`) | "
+        f"{tps('hf+peft fp32')} | {s['fp32']['throughput_x']:.2f}× ({s['fp32 compile']['throughput_x']:.2f}×) |",
+        f"| training bf16 autocast, tokens/s | {tps('medlora bf16')} ({tps('medlora bf16 compile')} with `--compile`) | "
+        f"{tps('hf+peft bf16')} | {s['bf16']['throughput_x']:.2f}× ({s['bf16 compile']['throughput_x']:.2f}×) |",
+        "| training in one process, steps alternating (median per-batch ratio), fp32 / bf16 tokens/s | "
+        f"{inter['fp32']['medlora_tok_per_s']:,.0f} / {inter['bf16']['medlora_tok_per_s']:,.0f} | "
+        f"{inter['fp32']['hf_tok_per_s']:,.0f} / {inter['bf16']['hf_tok_per_s']:,.0f} | "
+        f"{inter['fp32']['ratio_median']:.2f}× / {inter['bf16']['ratio_median']:.2f}× |",
+        f"| training peak memory, fp32 / bf16 | {gb('medlora fp32')} / {gb('medlora bf16')} GB | "
+        f"{gb('hf+peft fp32')} / {gb('hf+peft bf16')} GB | "
+        f"{s['fp32']['train_peak_memory_x']:.2f}× / {s['bf16']['train_peak_memory_x']:.2f}× |",
+        f"| FLOP utilisation (useful FLOPs), fp32 / bf16 | {r['medlora fp32']['flop_util']:.0%} / "
+        f"{r['medlora bf16']['flop_util']:.0%} | {r['hf+peft fp32']['flop_util']:.0%} / {r['hf+peft bf16']['flop_util']:.0%} | |",
+        f"| greedy decoding, batch 1, tokens/s (`cpu-xeon-gen-s19`) | {g['gen medlora']['batch1_tok_per_s']:.1f} "
+        f"({g['gen medlora-int4']['batch1_tok_per_s']:.1f} with `--int4`, "
+        f"{g['gen medlora-int4+compile']['batch1_tok_per_s']:.1f} with `--int4 --compile`) | "
+        f"{g['gen hf']['batch1_tok_per_s']:.1f} | {gs['medlora']['batch1_x_hf']:.2f}× "
+        f"({gs['medlora-int4']['batch1_x_hf']:.2f}×, {gs['medlora-int4+compile']['batch1_x_hf']:.2f}×) |",
+        f"| greedy decoding, batch 16, tokens/s | {g['gen medlora']['batch16_tok_per_s']:.1f} | "
+        f"{g['gen hf']['batch16_tok_per_s']:.1f} | {gs['medlora']['batch16_x_hf']:.2f}× |",
+        f"| prefill, {g['gen medlora']['prefill_tokens']}-token prompt, tokens/s | "
+        f"{g['gen medlora']['prefill_tok_per_s']:,.0f} | {g['gen hf']['prefill_tok_per_s']:,.0f} | "
+        f"{gs['medlora']['prefill_x_hf']:.2f}× |",
+    ]
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Session 19, another CPU"):text.index("### On a GPU")]
+    missing = [row for row in rows if row not in section]
+    assert not missing, "README's Xeon table differs from its bench records:\n" + "\n".join(missing)
+    full_int4 = rec["results"]["gen medlora-int4+compile"]["batch1_tok_per_s"]
+    assert f"read {full_int4:.1f} tokens/s, {rec['summary']['gen']['medlora-int4+compile']['batch1_x_hf']:.2f}×" in section
