@@ -908,3 +908,47 @@ def test_readme_xeon_numbers_come_from_their_bench_records():
     assert not missing, "README's Xeon table differs from its bench records:\n" + "\n".join(missing)
     full_int4 = rec["results"]["gen medlora-int4+compile"]["batch1_tok_per_s"]
     assert f"read {full_int4:.1f} tokens/s, {rec['summary']['gen']['medlora-int4+compile']['batch1_x_hf']:.2f}×" in section
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantised_layer_multiplies_many_rows_by_its_dequantised_weight(kind):
+    """From quant.DENSE_ROWS rows on (a prompt's prefill, larger batches) a quantised layer multiplies by
+    its weight dequantised to bf16 instead of calling the int8/int4 kernel, which costs ~20 us per row: the
+    kernel's own weight (read back through the identity) rounded to bf16, so the outputs agree with the
+    kernel's within a few bf16 steps; fewer rows (decoding one token a row) still take the kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from medlora import quant
+
+    if not (quant.int8_supported() and (kind == "int8" or quant.int4_supported())):
+        pytest.skip(f"this PyTorch build has no {kind} weight-only CPU kernel")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g) * 0.05
+    layer = quant.Int8Linear(w) if kind == "int8" else quant.Int4Linear(w)
+    if kind == "int8":
+        def kernel(x2):
+            return torch._weight_int8pack_mm(x2, layer.weight, layer.scale)
+    else:
+        def kernel(x2):
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.weight, layer.group, layer.scale_offset)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for shape in ((1, 1, 64), (2, 3, 64), (1, quant.DENSE_ROWS - 1, 64), (1, quant.DENSE_ROWS, 64), (4, 10, 64)):
+        x = torch.randn(shape, generator=g)
+        with Ops() as ops, torch.no_grad():
+            y = layer(x)
+        rows = x.numel() // 64
+        assert any("pack_mm" in n for n in ops.names) == (rows < quant.DENSE_ROWS), (shape, ops.names)
+        assert y.shape == (*shape[:-1], 96) and y.dtype == x.dtype
+        want = kernel(x.reshape(-1, 64).to(torch.bfloat16)).float().reshape(y.shape)
+        err = ((y - want).abs().max() / want.abs().max()).item()
+        assert err <= 2 ** -7, (shape, err)  # the bf16 copy rounds the kernel's weight: a few last-bit steps
+    assert "dense" not in layer.state_dict()  # a copy made from the codes, never saved
