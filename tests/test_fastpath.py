@@ -864,7 +864,7 @@ def test_quantised_model_fuses_the_projections_that_read_one_input(kind):
 
 def test_readme_xeon_numbers_come_from_their_bench_records():
     """The README's session-19 Xeon table is bench/results/cpu-xeon-s19.json's (training) and
-    cpu-xeon-gen-s19.json's (decoding, after the fused projections)."""
+    cpu-xeon-gen-s19.json's (decoding, after the fused projections and the bf16 copy for many rows)."""
     rec = json.loads((ROOT / "bench" / "results" / "cpu-xeon-s19.json").read_text())
     gen = json.loads((ROOT / "bench" / "results" / "cpu-xeon-gen-s19.json").read_text())
     assert "Xeon" in rec["machine"]["cpu"] and "Xeon" in gen["machine"]["cpu"]
@@ -901,6 +901,10 @@ def test_readme_xeon_numbers_come_from_their_bench_records():
         f"| prefill, {g['gen medlora']['prefill_tokens']}-token prompt, tokens/s | "
         f"{g['gen medlora']['prefill_tok_per_s']:,.0f} | {g['gen hf']['prefill_tok_per_s']:,.0f} | "
         f"{gs['medlora']['prefill_x_hf']:.2f}× |",
+        f"| `--int4 --compile`: batch 16 / prefill, tokens/s | {g['gen medlora-int4+compile']['batch16_tok_per_s']:.1f} / "
+        f"{g['gen medlora-int4+compile']['prefill_tok_per_s']:,.0f} | {g['gen hf']['batch16_tok_per_s']:.1f} / "
+        f"{g['gen hf']['prefill_tok_per_s']:,.0f} | {gs['medlora-int4+compile']['batch16_x_hf']:.2f}× / "
+        f"{gs['medlora-int4+compile']['prefill_x_hf']:.2f}× |",
     ]
     text = (ROOT / "README.md").read_text()
     section = text[text.index("**Session 19, another CPU"):text.index("### On a GPU")]
