@@ -35,9 +35,10 @@ from .model import Llama, RMSNorm
 # dequantised once to bf16 instead. The int8/int4 kernels cost ~20 us per row at these shapes (they read
 # the codes again for each row), a bf16 matmul about the same for 1 row as for 32 (measured on 2 Xeon
 # cores, [1536, 576]: int4 kernel 35 / 90 / 324 us at 1 / 8 / 32 rows, bf16 73 / 71 / 84 us). The bench's
-# int4 prefill of a 618-token prompt went 657 -> 2,413 tokens/s, batch-16 decoding 187 -> 310. The price is the bf16 copy (2 bytes a weight, kept beside the
-# codes) and outputs ~0.26% (relative norm) off the kernel's: the copy rounds the kernel's weight to bf16,
-# a rounding of the same size as the bf16 output's own.
+# int4 prefill of a 618-token prompt went 657 -> 2,413 tokens/s, batch-16 decoding 187 -> 310. The price:
+# the bf16 copy (2 bytes a weight beside the codes; quantize_int4 takes ~1 s longer, 0.6 -> 1.7 s), and
+# outputs ~0.26% (relative norm) off the kernel's: the copy rounds the kernel's weight to bf16, a rounding
+# of the same size as the bf16 output's own.
 DENSE_ROWS = 8
 
 
@@ -149,7 +150,7 @@ def _quantize(model: Llama, make, kind: str, head=None) -> Llama:
     if getattr(model, "quantized", None):  # its weights are codes now; quantising them again loses the scales
         raise RuntimeError(f"this model is already quantised ({model.quantized}); quantise a full-precision copy")
     merge_lora(model)
-    for block in model.model.layers:  # one layer for the projections that read the same input (see below)
+    for block in model.model.layers:  # one layer for the projections that read one input (module docstring)
         attn, mlp = block.self_attn, block.mlp
         attn.qkv_proj = make(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
         mlp.gate_up_proj = make(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
