@@ -869,7 +869,8 @@ def test_quantised_model_fuses_the_projections_that_read_one_input(kind):
 
 def test_readme_xeon_numbers_come_from_their_bench_records():
     """The README's session-19 Xeon table is bench/results/cpu-xeon-s19.json's (training) and
-    cpu-xeon-gen-s19.json's (decoding, after the fused projections and the bf16 copy for many rows)."""
+    cpu-xeon-gen-s19.json's (decoding, after the fused projections and the bf16 copy for many rows); the
+    longer paired run's ratios are cpu-xeon-interleaved-s19.json's."""
     rec = json.loads((ROOT / "bench" / "results" / "cpu-xeon-s19.json").read_text())
     gen = json.loads((ROOT / "bench" / "results" / "cpu-xeon-gen-s19.json").read_text())
     assert "Xeon" in rec["machine"]["cpu"] and "Xeon" in gen["machine"]["cpu"]
@@ -911,6 +912,9 @@ def test_readme_xeon_numbers_come_from_their_bench_records():
         f"{g['gen hf']['prefill_tok_per_s']:,.0f} | {gs['medlora-int4+compile']['batch16_x_hf']:.2f}× / "
         f"{gs['medlora-int4+compile']['prefill_x_hf']:.2f}× |",
     ]
+    paired = json.loads((ROOT / "bench" / "results" / "cpu-xeon-interleaved-s19.json").read_text())["summary"]["interleaved"]
+    rows.append(f"read {paired['fp32']['ratio_median']:.2f}×\n({paired['fp32']['ratio_min']:.2f}–{paired['fp32']['ratio_max']:.2f}) "
+                f"in fp32 and {paired['bf16']['ratio_median']:.2f}× ({paired['bf16']['ratio_min']:.2f}–{paired['bf16']['ratio_max']:.2f}) in bf16")
     full_int4 = rec["results"]["gen medlora-int4+compile"]["batch1_tok_per_s"]  # the full run's, before the changes
     rows.append(f"read {full_int4:.1f} tokens/s, {rec['summary']['gen']['medlora-int4+compile']['batch1_x_hf']:.2f}×")
     missing = readme_section_lacks(rows, "**Session 19, another CPU", "### On a GPU")
