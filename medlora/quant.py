@@ -36,9 +36,8 @@ from .model import Llama, RMSNorm
 # the codes again for each row), a bf16 matmul about the same for 1 row as for 32 (measured on 2 Xeon
 # cores, [1536, 576]: int4 kernel 35 / 90 / 324 us at 1 / 8 / 32 rows, bf16 73 / 71 / 84 us). The bench's
 # int4 prefill of a 618-token prompt went 657 -> 2,413 tokens/s, batch-16 decoding 187 -> 310. The price:
-# the bf16 copy (2 bytes a weight beside the codes; quantize_int4 takes ~1 s longer, 0.6 -> 1.7 s), and
-# outputs ~0.26% (relative norm) off the kernel's: the copy rounds the kernel's weight to bf16, a rounding
-# of the same size as the bf16 output's own.
+# the bf16 copy (2 bytes a weight beside the codes), and outputs ~0.26% (relative norm) off the kernel's:
+# the copy rounds the kernel's weight to bf16, a rounding of the same size as the bf16 output's own.
 DENSE_ROWS = 8
 
 
@@ -63,8 +62,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("dense", (self.weight.float() * self.scale.float()[:, None]).to(torch.bfloat16),
                              persistent=False)  # for DENSE_ROWS rows and more
 
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [rows, in] bf16 @ W^T by PyTorch's int8 kernel."""
+        return torch._weight_int8pack_mm(x2, self.weight, self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(x, self.out_features, self.dense, lambda x2: torch._weight_int8pack_mm(x2, self.weight, self.scale))
+        return _matmul(x, self.out_features, self.dense, self.kernel)
 
 
 class Int4Linear(nn.Module):
@@ -80,21 +83,27 @@ class Int4Linear(nn.Module):
         lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
         offset = (lo + 8 * scale).to(torch.bfloat16).float()
-        q = torch.round((w - offset[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [n, k/2] uint8
+        q = torch.round((w - offset[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).reshape(n, k), 1))  # [n, k/2] uint8
         pairs = torch.stack([scale, offset], -1).transpose(0, 1)  # [k/group, n, 2]: the kernel's layout
         self.register_buffer("scale_offset", pairs.contiguous().to(torch.bfloat16))
         self.group, self.in_features, self.out_features = group, k, n
-        self.register_buffer("dense", self.dequantized().to(torch.bfloat16), persistent=False)  # for DENSE_ROWS+
+        # for DENSE_ROWS+ rows: W by the formula above, the kernel's own weight (the same bits as dequantized(),
+        # tested; reading it back through the kernel took ~1 s of quantize_int4)
+        dense = ((q - 8) * scale[..., None] + offset[..., None]).reshape(n, k).to(torch.bfloat16)
+        self.register_buffer("dense", dense, persistent=False)
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [rows, in] bf16 @ W^T by PyTorch's int4 kernel."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scale_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(x, self.out_features, self.dense, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.weight, self.group, self.scale_offset))
+        return _matmul(x, self.out_features, self.dense, self.kernel)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by, as fp32 [out, in]: the kernel applied to the identity."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group, self.scale_offset).float().t()
+        return self.kernel(torch.eye(self.in_features, dtype=torch.bfloat16)).float().t()
 
 
 def int4_fits(weight: torch.Tensor, group: int = 32) -> bool:
