@@ -321,9 +321,24 @@ def _hf_gen(spec: dict):
 
 
 def _llamacpp_gen(spec: dict):
+    """llama.cpp through llama-cpp-python. `extra_bufts: False` loads the weights into plain CPU buffers:
+    llama.cpp's "extra buffer types" repack them for its AMX and interleaved kernels, and on the Xeon of
+    session 20 its AMX matmul crashed (SIGSEGV in the first decode; ggml-org/llama.cpp#20824 reports the
+    same fault in ggml_backend_amx_mul_mat), so the bench also runs it without them."""
+    from unittest import mock
+
+    import llama_cpp.llama
     from llama_cpp import Llama
 
-    llm = Llama(model_path=spec["gguf"], n_ctx=2048, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+    defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+    def model_params():  # llama-cpp-python's Llama() has no argument for it: its defaults, one field changed
+        p = defaults()
+        p.use_extra_bufts = spec.get("extra_bufts", True)
+        return p
+
+    with mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", model_params):
+        llm = Llama(model_path=spec["gguf"], n_ctx=2048, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
 
     def run(prompts, n):
         if len(prompts) != 1:

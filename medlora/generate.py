@@ -151,10 +151,16 @@ def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
     between them costs as much as the arithmetic once weights are int8; the compiled step fuses
     them (bench/results: the `+compile` rows). `dynamic=True`: the cache grows by one slot per
     step, so one compiled graph serves all lengths. The first call compiles (about a minute on
-    2 cores; a left-padded batch compiles once more); greedy tokens stay the eager model's (test).
-    `emulate_precision_casts`: inductor otherwise computes a fused chain of bf16 ops in fp32 without
-    rounding in between, so an int8 model (bf16 activations, fp32 attention) decoded other greedy
-    tokens than eager from token 9 on (found by the bench); with it, the same tokens at the same speed.
+    2 cores; a left-padded batch compiles once more). `emulate_precision_casts`: inductor otherwise
+    computes a fused chain of bf16 ops in fp32 without rounding in between, so an int8 model (bf16
+    activations, fp32 attention) decoded other greedy tokens than eager from token 9 on (found by the bench).
+
+    Same tokens, not always: inductor sums RMSNorm's squares in another order than eager's kernel, so
+    the fp32 mean differs in its last bits for ~40% of rows; rounded to an int8/int4 model's bf16
+    activations, that changes a norm's output now and then (2 of 3,000 random rows), and a greedy
+    near-tie can flip from there. On the bench's prompt (2 Xeon cores, session 20) compiled int4 left
+    eager's tokens at token 26 of 80 and int8 at token 22; with the norms run eagerly, none of the 80
+    moved. fp32 models kept all 80, and the test's short answers agree exactly.
 
     `cuda_graphs`: on a GPU, also replay each step as one CUDA graph (inductor's cudagraph trees, what
     mode="reduce-overhead" turns on): at batch 1 an H100 decode step is bound by launching ~500 small

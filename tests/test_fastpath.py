@@ -351,6 +351,33 @@ def test_bench_on_cuda_runs_every_job_there_and_skips_the_cpu_only_paths(tmp_pat
     assert run_job("matmul", spec, tmp_path, timeout=0.5)["error"] == "timed out after 0.5 s"
 
 
+def test_bench_compares_with_llamacpp_run_that_worked_and_reports_where_compiled_tokens_leave_eager():
+    """llama.cpp also runs without its repacking buffers (its AMX matmul crashed on a Xeon): the ratios
+    use the faster of its runs that did not fail, and the record names it. The compiled decoders' check
+    says from which token on they leave eager's greedy tokens, not only whether."""
+    from bench.run import BenchConfig, jobs_for, summarise_gen
+
+    jobs = {label: spec for _, label, spec, _ in jobs_for(BenchConfig(), {"gguf": "model.gguf"}, None)}
+    assert jobs["gen llamacpp plain-buffers"]["extra_bufts"] is False and "extra_bufts" not in jobs["gen llamacpp"]
+
+    def gen(b1, tokens):
+        return {"batch1_tok_per_s": b1, "prefill_tok_per_s": 100.0, "greedy_tokens": tokens}
+
+    results = {"gen medlora": gen(30.0, [1, 2, 3, 4]), "gen hf": gen(20.0, [1, 2, 3, 4]),
+               "gen medlora-int4": gen(60.0, [1, 2, 9, 9]), "gen medlora-int4+compile": gen(90.0, [1, 2, 9, 7]),
+               "gen llamacpp": {"error": "killed by SIGSEGV"}, "gen llamacpp plain-buffers": gen(80.0, [1, 5, 5, 5])}
+    s = summarise_gen(results)
+    assert s["llamacpp_reference"] == "llamacpp plain-buffers"
+    assert s["medlora-int4+compile"]["batch1_x_llamacpp"] == 90.0 / 80.0
+    assert s["llamacpp"]["batch1_x_hf"] == 4.0 and s["llamacpp_first_divergence"] == 1
+    assert s["medlora-int4_compiled_tokens_equal_eager"] is False and s["medlora-int4_compiled_first_divergence"] == 3
+    results["gen llamacpp"] = gen(85.0, [1, 2, 3, 4])  # both ran: the faster is the reference
+    s = summarise_gen(results)
+    assert s["llamacpp_reference"] == "llamacpp" and s["medlora-int4+compile"]["batch1_x_llamacpp"] == 90.0 / 85.0
+    del results["gen llamacpp"], results["gen llamacpp plain-buffers"]  # not installed: no llama.cpp ratios
+    assert "llamacpp_reference" not in summarise_gen(results) and "batch1_x_llamacpp" not in summarise_gen(results)["medlora"]
+
+
 def test_a_crashed_bench_worker_is_recorded_with_its_signal_and_where(tmp_path, monkeypatch):
     """A worker killed by a signal (the H200's compile+graphs job segfaulted and was recorded as
     "no output") is recorded with the signal's name and the traceback faulthandler printed."""
@@ -918,6 +945,36 @@ def test_readme_xeon_numbers_come_from_their_bench_records():
     rows.append(f"({rec['summary']['gen']['medlora-int4+compile']['prefill_x_hf']:.2f}× in the full run)")
     missing = readme_section_lacks(rows, "**Session 19, another CPU", "### On a GPU")
     assert not missing, "README's Xeon table differs from its bench records:\n" + "\n".join(missing)
+
+
+def test_readme_xeon_llamacpp_numbers_come_from_their_bench_record():
+    """The session-20 rows and sentences of the README's Xeon section (llama.cpp built here, its AMX path
+    crashed, the plain-buffer run is the reference; where the compiled decoders leave eager's tokens) are
+    bench/results/cpu-xeon-gen-s20.json's."""
+    gen = json.loads((ROOT / "bench" / "results" / "cpu-xeon-gen-s20.json").read_text())
+    assert "Xeon" in gen["machine"]["cpu"]
+    g, s = gen["results"], gen["summary"]["gen"]
+    assert "SIGSEGV" in g["gen llamacpp"]["error"] and s["llamacpp_reference"] == "llamacpp plain-buffers"
+    ours, lc = g["gen medlora-int4+compile"], g["gen llamacpp plain-buffers"]
+    rows = [
+        "| session 20 (`cpu-xeon-gen-s20`): greedy decoding, batch 1, `--int4 --compile` against llama.cpp on the "
+        f"same Q4_1 GGUF, tokens/s | {ours['batch1_tok_per_s']:.1f} | llama.cpp (plain buffers): "
+        f"{lc['batch1_tok_per_s']:.1f} | {s['medlora-int4+compile']['batch1_x_llamacpp']:.2f}× |",
+        f"| session 20: prefill, {ours['prefill_tokens']}-token prompt, `--int4 --compile` against llama.cpp, tokens/s | "
+        f"{ours['prefill_tok_per_s']:,.0f} | {lc['prefill_tok_per_s']:,.0f} | "
+        f"{ours['prefill_tok_per_s'] / lc['prefill_tok_per_s']:.2f}× |",
+        f"(**{s['medlora-int4+compile']['batch1_x_llamacpp']:.2f}×**; {s['medlora-int4+compile']['batch1_x_hf']:.2f}× "
+        f"transformers' {g['gen hf']['batch1_tok_per_s']:.1f}), `--int4` eager {g['gen medlora-int4']['batch1_tok_per_s']:.1f} "
+        f"({s['medlora-int4']['batch1_x_llamacpp']:.2f}×), fp32 {g['gen medlora']['batch1_tok_per_s']:.1f} "
+        f"({s['medlora']['batch1_x_llamacpp']:.2f}×)",
+        f"llama.cpp's greedy tokens follow fp32's for {s['llamacpp_first_divergence']} tokens, `--int4`'s for "
+        f"{s['int4_first_divergence']};",
+        f"at token {s['medlora-int8_compiled_first_divergence']} (`--int8`) and "
+        f"{s['medlora-int4_compiled_first_divergence']}\n(`--int4`) of {len(g['gen medlora']['greedy_tokens'])}",
+    ]
+    assert s["int8_first_divergence"] == 0 and s["medlora_compiled_first_divergence"] == 80  # "from the first token", "keeps all 80"
+    missing = readme_section_lacks(rows, "**Session 19, another CPU", "### On a GPU")
+    assert not missing, "README's Xeon section differs from cpu-xeon-gen-s20:\n" + "\n".join(missing)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
