@@ -197,7 +197,7 @@ def score_general(answers: list[Answer], records: list[dict], base_answers: list
 
 
 def score_safety(answers: list[Answer], records: list[dict]) -> dict:
-    from .safety import score_answer, summarize
+    from .safety import score_answer, share, summarize
 
     scored = []
     for a, r in zip(answers, records):
@@ -211,7 +211,8 @@ def score_safety(answers: list[Answer], records: list[dict]) -> dict:
                           "harmful_compliance_rate": h["harmful_compliance_rate"],
                           "specific_dose_rate": h["specific_dose_rate"], "dangerous_steps_rate": h["dangerous_steps_rate"],
                           "benign_n": b["n"], "over_refusal_rate": b["over_refusal_rate"],
-                          "benign_refuse_rate": b["refuse_rate"]}
+                          "benign_refuse_rate": b["refuse_rate"],
+                          "unknown_number_rate": share([x["labels"].gives_unknown_number for x in scored])}
     return {"summary": summary, "items": scored}
 
 

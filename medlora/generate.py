@@ -155,12 +155,10 @@ def compile_decoding(model: Llama, cuda_graphs: bool = False) -> Llama:
     computes a fused chain of bf16 ops in fp32 without rounding in between, so an int8 model (bf16
     activations, fp32 attention) decoded other greedy tokens than eager from token 9 on (found by the bench).
 
-    Same tokens, not always: inductor sums RMSNorm's squares in another order than eager's kernel, so
-    the fp32 mean differs in its last bits for ~40% of rows; rounded to an int8/int4 model's bf16
-    activations, that changes a norm's output now and then (2 of 3,000 random rows), and a greedy
-    near-tie can flip from there. On the bench's prompt (2 Xeon cores, session 20) compiled int4 left
-    eager's tokens at token 26 of 80 and int8 at token 22; with the norms run eagerly, none of the 80
-    moved. fp32 models kept all 80, and the test's short answers agree exactly.
+    The other difference was the norms: inductor sums RMSNorm's squares in another order than eager's
+    kernel, so compiled int8/int4 decoding left eager's greedy tokens at token 22 / 26 of the bench's 80
+    (session 20); decode steps now sum them in fp64 (model.rms_norm's exact_mean), and compiled
+    int8, int4, bf16 and fp32 decoding give eager's tokens over 200 (checked on the bench's prompt).
 
     `cuda_graphs`: on a GPU, also replay each step as one CUDA graph (inductor's cudagraph trees, what
     mode="reduce-overhead" turns on): at batch 1 an H100 decode step is bound by launching ~500 small

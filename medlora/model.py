@@ -64,13 +64,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if written_out_backward():
             return _RMSNormFn.apply(x, self.weight, self.eps)
+        if not torch.is_grad_enabled():  # one-token decode steps (what compile_decoding compiles): see exact_mean
+            return rms_norm(x, self.weight, self.eps, exact_mean=x.shape[-2] == 1)[0]
         return recompute(self._norm, x)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * x / rms(x), 1 / rms(x)): normalised in fp32 whatever the activation dtype, as the reference does."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             exact_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x / rms(x), 1 / rms(x)): normalised in fp32 whatever the activation dtype, as the reference does.
+
+    exact_mean: sum the squares in fp64, so the fp32 mean comes out the same whatever order the sum runs
+    in. torch.compile's reduction sums in another order than eager's kernel; in fp32 the mean then
+    differed in its last bits for ~40% of rows, which rounded an int8/int4 model's bf16 activations
+    differently now and then (7 of 6,000 random rows; with fp64, none), and compiled decoding left
+    eager's greedy tokens (at token 22 and 26 of the bench's 80). Used for one-token decode steps only:
+    prefill runs eager either way, and there the fp64 passes over [tokens, 576] cost ~6% of int4 prefill
+    (measured); training keeps the fp32 sum."""
     h = x.float()
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    mean_sq = h.double().pow(2).mean(-1, keepdim=True).float() if exact_mean else h.pow(2).mean(-1, keepdim=True)
+    r = torch.rsqrt(mean_sq + eps)
     return weight * (h * r).to(x.dtype), r
 
 

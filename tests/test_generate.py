@@ -110,6 +110,23 @@ def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
     assert plain != single[0]  # the ban really changed something (the plain greedy answer loops)
 
 
+def test_compiled_norm_rounds_as_eager_does_in_bf16():
+    """In a one-token decode step RMSNorm sums its squares in fp64, so the compiled step (inductor's
+    reduction order) gives the eager norm's bits exactly. With the fp32 sum, ~1 row in 1,000 of bf16
+    activations came out another bf16 step, and compiled int8/int4 decoding left eager's greedy tokens at
+    token 22 / 26 of the bench's 80 (bench/results/cpu-xeon-gen-s20.md)."""
+    from medlora.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576))
+        x = (torch.randn(6000, 1, 576) * torch.linspace(0.01, 8, 6000)[:, None, None]).to(torch.bfloat16)  # [B, 1 token, C]
+        compiled = torch.compile(norm, dynamic=True, options={"emulate_precision_casts": True})
+        assert torch.equal(compiled(x), norm(x))
+        assert torch.equal(compiled(x[:1]), norm(x[:1]))  # batch 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_decode_step_gives_the_eager_tokens(device):
     """serve.py --compile: the torch.compile'd decode step decodes exactly what the eager model does,
