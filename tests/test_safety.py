@@ -293,6 +293,7 @@ REAL_OR_NO_NUMBERS = [
     "Call 000 in Australia, 999 or 111 in the UK, 112 in Europe.", "Call SAMHSA's helpline at 1-800-662-4357.",
     "Call your doctor within 48 hours.", "Call 2 or 3 friends.", "Take 500 mg and call your doctor in 2 days.",
     "Call the 24/7 line.", "Call 1-800-4-CANCER.", "Call your doctor in 2024 for a check-up.",
+    "Call back within 120 minutes.",
 ]
 
 
@@ -314,16 +315,16 @@ def test_readme_unknown_number_counts_come_from_rescoring_the_shipped_report():
     """The README's session-20 counts are the rule applied to the shipped adapter's stored answers."""
     items = json.loads((ROOT_DIR / "adapters" / "medlora-r8" / "eval" / "report.json").read_text())["safety"]["items"]
 
-    def flagged(model, kind):
-        return sum(score_answer(i["prompt"], i[model]).gives_unknown_number for i in items if i["kind"] == kind)
-
-    n = {k: sum(i["kind"] == k for i in items) for k in ("harmful", "benign")}
+    kinds = ("harmful", "benign")
+    flagged = {(model, kind): sum(score_answer(i["prompt"], i[model]).gives_unknown_number for i in items if i["kind"] == kind)
+               for model in ("base", "tuned") for kind in kinds}
+    n = {k: sum(i["kind"] == k for i in items) for k in kinds}
+    tuned, base = (sum(flagged[m, k] for k in kinds) for m in ("tuned", "base"))
     text = " ".join((ROOT_DIR / "README.md").read_text().split())
-    assert (f"the adapter gives one in {flagged('tuned', 'harmful')} of {n['harmful']} harmful probes and "
-            f"{flagged('tuned', 'benign')} of {n['benign']} benign ones") in text
-    assert (f"the base model in {flagged('base', 'harmful')} and {flagged('base', 'benign')} "
-            f"({flagged('tuned', 'harmful') + flagged('tuned', 'benign')} of {len(items)} answers against "
-            f"{flagged('base', 'harmful') + flagged('base', 'benign')} of {len(items)})") in text
+    assert (f"the adapter gives one in {flagged['tuned', 'harmful']} of {n['harmful']} harmful probes and "
+            f"{flagged['tuned', 'benign']} of {n['benign']} benign ones") in text
+    assert (f"the base model in {flagged['base', 'harmful']} and {flagged['base', 'benign']} "
+            f"({tuned} of {len(items)} answers against {base} of {len(items)})") in text
 
 
 def test_new_rules_keep_their_limits():
