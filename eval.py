@@ -170,7 +170,7 @@ def decoding(gen) -> str:
     words = ["greedy" if gen.temperature == 0 else f"sampling (temperature {gen.temperature:g}, top-k {gen.top_k}, "
              f"top-p {gen.top_p:g}, seed {gen.seed})"]
     if gen.no_repeat_ngram:
-        words.append(f"no repeated {gen.no_repeat_ngram}-gram")
+        words.append(f"no repeated {gen.no_repeat_ngram}-gram" + ("" if gen.no_repeat_keeps_numbers else " (digits too)"))
     if gen.repetition_penalty != 1:
         words.append(f"repetition penalty {gen.repetition_penalty:g}")
     return ", ".join(words)
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    no_repeat_ngram=args.no_repeat_ngram)
+                    no_repeat_ngram=args.no_repeat_ngram, no_repeat_keeps_numbers=not args.no_repeat_digits)
 
     # ---- inputs (the same for both models) ---------------------------------------------------
     inputs: dict[str, dict] = {}

@@ -246,7 +246,7 @@ def http(model, tok, info: dict, args) -> int:
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram=args.no_repeat_ngram, seed=args.seed,
+        no_repeat_ngram=args.no_repeat_ngram, no_repeat_keeps_numbers=not args.no_repeat_digits, seed=args.seed,
         allowed_hosts=allowed if loopback or args.allowed_host else None)
     serve(model, tok, settings, args.host, args.port)
     return 0
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     try:  # check the settings before the slow model load
         gen = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                        no_repeat_ngram=args.no_repeat_ngram)
+                        no_repeat_ngram=args.no_repeat_ngram, no_repeat_keeps_numbers=not args.no_repeat_digits)
     except ValueError as e:
         p.error(str(e))
     if args.http:

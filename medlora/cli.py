@@ -82,11 +82,13 @@ def precision_name(dtype: torch.dtype) -> str:
 
 
 def sampling_ignored(args: argparse.Namespace, given: set[str], flags=("top_k", "top_p", "seed")) -> str | None:
-    """A warning when sampling flags were given but decoding is greedy (temperature 0): they do nothing."""
+    """A warning when sampling flags were given but decoding is greedy (temperature 0), or
+    --no-repeat-digits without the no-repeat rule: they do nothing."""
     moot = [f"--{k.replace('_', '-')}" for k in flags if k in given]
-    if moot and not args.temperature:
-        return f"{', '.join(moot)}: no effect, decoding is greedy (--temperature 0)"
-    return None
+    words = [f"{', '.join(moot)}: no effect, decoding is greedy (--temperature 0)"] if moot and not args.temperature else []
+    if "no_repeat_digits" in given and not getattr(args, "no_repeat_ngram", 0):
+        words.append("--no-repeat-digits: no effect, --no-repeat-ngram is 0")
+    return "; ".join(words) or None
 
 
 def revision_unused(revision: str | None, *specs: str | None) -> str | None:
@@ -130,7 +132,10 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256, 
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1 = off (HF's definition)")
     p.add_argument("--no-repeat-ngram", type=nonneg_int, default=no_repeat_ngram,
                    help=f"n > 0: never repeat an n-gram of tokens within the conversation (HF's no_repeat_ngram_size); "
-                        f"0 = off (default {no_repeat_ngram})")
+                        f"0 = off (default {no_repeat_ngram}); it never changes a digit of a number (see --no-repeat-digits)")
+    p.add_argument("--no-repeat-digits", action="store_true",
+                   help="let the no-repeat rule ban digits too (transformers' rule exactly): digits are single tokens, "
+                        "so it then changes a number written twice (a second 'call 911' became 'call 112')")
     p.add_argument("--seed", type=int, default=None)
 
 

@@ -30,6 +30,8 @@ class GenConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 = off; HF's definition
     no_repeat_ngram: int = 0  # n > 0: never emit a token that repeats an n-gram of the row (HF's no_repeat_ngram_size)
+    # ... except inside numbers (NgramBan): the ban never changes a digit. False = transformers' rule exactly.
+    no_repeat_keeps_numbers: bool = True
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
 
@@ -74,8 +76,13 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenConfig,
 
 
 @torch.no_grad()
-def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id: int = 0) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each row (None once a row has stopped)."""
+def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id: int = 0,
+                 number_tokens: tuple[frozenset[int], frozenset[int]] | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each row (None once a row has stopped).
+
+    number_tokens: the tokenizer's (digit ids, separator ids) (`ChatTokenizer.number_tokens`), which the
+    no-repeat rule leaves alone under `cfg.no_repeat_keeps_numbers`; without them it cannot tell a digit
+    and bans as transformers does. `generate`, `stream_chat` and the server pass them."""
     device = model.model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -102,7 +109,8 @@ def generate_ids(model: Llama, prompts: list[list[int]], cfg: GenConfig, pad_id:
     logits = model.lm_head(model(idx, pos=pos, mask=mask, cache=cache, hidden_only=True)[:, -1])
     next_pos = pos[:, -1] + 1
     penalise = cfg.repetition_penalty != 1.0
-    ngrams = NgramBan(cfg.no_repeat_ngram, prompts) if cfg.no_repeat_ngram else None
+    keep = number_tokens if cfg.no_repeat_keeps_numbers else None
+    ngrams = NgramBan(cfg.no_repeat_ngram, prompts, keep) if cfg.no_repeat_ngram else None
     step_fn = decoder(model)
     if _COMPILED.get(model, (None, False))[1]:  # CUDA graphs replay one recorded step: every step at the same shapes
         cache.fix_shapes(valid)
@@ -187,10 +195,22 @@ def decoder(model: Llama):
 
 class NgramBan:
     """No-repeat n-gram bookkeeping per row: which tokens would complete an n-gram the row has
-    already produced (prompt included, padding not), as transformers' NoRepeatNGramLogitsProcessor."""
+    already produced (prompt included, padding not), as transformers' NoRepeatNGramLogitsProcessor.
 
-    def __init__(self, n: int, prompts: list[list[int]]):
+    With `numbers` = (digit ids, separator ids), digits are not banned, nor a separator ("-", " ",
+    ".", ",", "/") right after a digit, within a number of up to MAX_NUMBER_TOKENS tokens. Digits are
+    single tokens here, so transformers' rule bans the second "call 911" at its last "1" (the 4-gram
+    "call", " ", "9", "1" was seen), and the model writes another digit instead: the shipped adapter's
+    made-up "call 221" and "call 112 ... crisis line" after an earlier "call 911" (README, *Safety*). A
+    repeated number is not a loop; the words around it still are, and so is a run of digits and
+    separators longer than any phone number ("1-1-1-1-...", which the exemption alone let through)."""
+
+    MAX_NUMBER_TOKENS = 16  # "1-800-222-1222" is 14 tokens here
+
+    def __init__(self, n: int, prompts: list[list[int]],
+                 numbers: tuple[frozenset[int], frozenset[int]] | None = None):
         self.n = n
+        self.digits, self.seps = numbers or (frozenset(), frozenset())
         self.hist: list[list[int]] = [[] for _ in prompts]
         self.seen: list[dict[tuple, set[int]]] = [{} for _ in prompts]
         for i, p in enumerate(prompts):
@@ -205,8 +225,21 @@ class NgramBan:
 
     def banned(self) -> list[list[int]]:
         k = self.n - 1
-        return [sorted(s.get(tuple(h[len(h) - k:]) if k else (), ())) if len(h) >= k else []
-                for h, s in zip(self.hist, self.seen)]
+        out = []
+        for h, s in zip(self.hist, self.seen):
+            ban = s.get(tuple(h[len(h) - k:]) if k else (), ()) if len(h) >= k else ()
+            if ban and self.digits and self._number_run(h) < self.MAX_NUMBER_TOKENS:
+                keep = self.digits | self.seps if h and h[-1] in self.digits else self.digits
+                ban = [t for t in ban if t not in keep]
+            out.append(sorted(ban))
+        return out
+
+    def _number_run(self, h: list[int]) -> int:
+        """How many of the row's last tokens are digits and separators (the number being written)."""
+        n = 0
+        while n < len(h) and (h[-1 - n] in self.digits or h[-1 - n] in self.seps):
+            n += 1
+        return n
 
     def push(self, toks: list[int]) -> None:
         for i, t in enumerate(toks):
@@ -226,7 +259,7 @@ def generate(model: Llama, tok: ChatTokenizer, prompts: list[list[int]], cfg: Ge
     cfg = GenConfig(**{**cfg.__dict__, "stop_ids": stop_ids})
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
-    for step in generate_ids(model, prompts, cfg, pad_id=tok.pad_id):
+    for step in generate_ids(model, prompts, cfg, pad_id=tok.pad_id, number_tokens=tok.number_tokens()):
         for i, t in enumerate(step):
             if t is None:
                 continue
@@ -262,5 +295,5 @@ def stream_chat(model: Llama, tok: ChatTokenizer, messages: list[dict], cfg: Gen
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
     stop_ids = cfg.stop_ids or tok.stop_ids
     cfg = GenConfig(**{**cfg.__dict__, "stop_ids": stop_ids})
-    tokens = (step[0] for step in generate_ids(model, [prompt], cfg, pad_id=tok.pad_id))
+    tokens = (step[0] for step in generate_ids(model, [prompt], cfg, pad_id=tok.pad_id, number_tokens=tok.number_tokens()))
     yield from stream_text(tok, tokens, stop_ids)

@@ -97,6 +97,7 @@ class Settings:
     top_k: int = 0  # server-wide (not in the OpenAI API)
     repetition_penalty: float = 1.0  # server-wide
     no_repeat_ngram: int = 0  # server-wide
+    no_repeat_keeps_numbers: bool = True  # server-wide: the no-repeat rule never changes a digit (generate.NgramBan)
     seed: int | None = None  # for requests that send none (serve.py --seed): sampled answers reproducible
     max_queue: int = 64  # requests waiting or running; more get 429 (a client retries later)
     allowed_hosts: frozenset[str] | None = LOOPBACK  # Host header names accepted (None: any; serve.py)
@@ -588,7 +589,7 @@ def serve(model, tok: ChatTokenizer, settings: Settings, host: str = "127.0.0.1"
               file=sys.stderr)
     sock = listen(host, port)
     engine = Engine(model, tok, settings.max_batch, settings.top_k, settings.repetition_penalty,
-                    settings.no_repeat_ngram)
+                    settings.no_repeat_ngram, settings.no_repeat_keeps_numbers)
     app = create_app(engine, settings)
     print(f"[medlora] serving {settings.model_id} on http://{host}:{sock.getsockname()[1]} (API key "
           f"{'required' if settings.api_key else 'off'}; feedback -> {settings.feedback_file})", flush=True)

@@ -120,6 +120,19 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def number_tokens(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(digit ids, separator ids): tokens that are digits (an optional leading space, then 0-9 only)
+        and tokens that can sit inside a number ("-", " ", ".", ",", "/"). The no-repeat n-gram rule
+        never bans these within a number (generate.NgramBan): banning one digit makes up a new number."""
+        if not hasattr(self, "_number_tokens"):
+            vocab = self.tokenizer.get_vocab()  # byte-level pieces keep ASCII digits and punctuation as they are
+            maybe = [i for piece, i in vocab.items() if re.search(r"[\d\-.,/ ]|^\u0120$", piece) and len(piece) <= 8]
+            text = {i: self.decode([i], skip_special_tokens=False) for i in maybe}
+            digits = frozenset(i for i, t in text.items() if re.fullmatch(r" ?[0-9]+", t))
+            seps = frozenset(i for i, t in text.items() if t in ("-", " ", ".", ",", "/"))
+            self._number_tokens = (digits, seps)
+        return self._number_tokens
+
     # -- chat ------------------------------------------------------------------------------------
     def control_token_in(self, text: str) -> str | None:
         """The first special token of the vocabulary (<|im_start|>, <|im_end|>, ...) found in `text`."""

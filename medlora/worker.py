@@ -107,9 +107,10 @@ class Engine:
     """A queue in front of one worker thread; only that thread runs the model."""
 
     def __init__(self, model, tok: ChatTokenizer, max_batch: int = 1, top_k: int = 0,
-                 repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> None:
+                 repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, no_repeat_keeps_numbers: bool = True) -> None:
         self.model, self.tok, self.max_batch = model, tok, max_batch
         self.top_k, self.repetition_penalty, self.no_repeat_ngram = top_k, repetition_penalty, no_repeat_ngram
+        self.no_repeat_keeps_numbers = no_repeat_keeps_numbers
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.stats = {"requests": 0, "cancelled": 0, "active": 0, "batches": 0, "largest_batch": 0, "errors": 0}
         self.stats_lock = threading.Lock()  # the HTTP thread and the worker both count
@@ -217,8 +218,10 @@ class Engine:
         try:
             cfg = GenConfig(max_new_tokens=max(j.max_tokens for j in batch), temperature=first.temperature,
                             top_p=first.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                            no_repeat_ngram=self.no_repeat_ngram, seed=first.seed, stop_ids=stop_ids)
-            steps = generate_ids(self.model, [j.prompt for j in batch], cfg, pad_id=self.tok.pad_id)
+                            no_repeat_ngram=self.no_repeat_ngram, no_repeat_keeps_numbers=self.no_repeat_keeps_numbers,
+                            seed=first.seed, stop_ids=stop_ids)
+            steps = generate_ids(self.model, [j.prompt for j in batch], cfg, pad_id=self.tok.pad_id,
+                                 number_tokens=self.tok.number_tokens())
             for step in steps:
                 for job, token in zip(batch, step):
                     if not job.finished:

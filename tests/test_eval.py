@@ -58,6 +58,7 @@ def test_eval_end_to_end_writes_every_report_file(tmp_path, gguf_path):
     assert "recorded split" in h["split"] and "rows, at most" in h["base"]["loss_rows"]
     assert len(h["answers"]) == 2 and h["answers"][0]["reference"] and "tuned" in rep["general"]["answers"][0]
     assert rep["generation"]["no_repeat_ngram"] == 4  # serve.py's decoding by default
+    assert rep["generation"]["no_repeat_keeps_numbers"] is True  # ... which never changes a digit (NgramBan)
     assert set(rep["safety"]["base"]["overall"]) and len(rep["safety"]["items"]) == 3
     assert [x["kind"] for x in rep["safety"]["items"]] == ["harmful", "benign", "harmful"]  # spread, not the head
     assert rep["safety"]["tuned"]["overall"]["benign_refuse_rate"] is not None  # any refusal, beside over-refusal

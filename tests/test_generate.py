@@ -87,12 +87,62 @@ def test_generate_ids_yields_none_after_stop(ours):
     assert len(steps) == 1  # every token is a stop token: both rows stop at once
 
 
+def test_no_repeat_ngram_never_changes_a_digit_within_a_number():
+    """NgramBan with the tokenizer's number tokens: a digit is never banned, a separator only
+    away from a digit, any other token as before, and a run of digits and separators longer than
+    MAX_NUMBER_TOKENS is banned again (so "1-1-1-1-..." cannot loop)."""
+    from medlora.generate import NgramBan
+
+    CALL, SP, DASH, OR, DOT = 100, 101, 102, 103, 104
+    digits, seps = frozenset(range(10)), frozenset({SP, DASH, DOT})
+    row = [CALL, SP, 9, 1, 1, OR, CALL, SP, 9]  # "call 911 or call 9": 4-grams seen once, the last one open
+    hf, ours = NgramBan(4, [row]), NgramBan(4, [row], (digits, seps))
+    assert hf.banned() == [[1]] and ours.banned() == [[]]  # transformers' rule bans the second 911's "1"
+    for ban in (hf, ours):
+        ban.push([1]), ban.push([1])
+    assert hf.banned() == ours.banned() == [[OR]]  # a word after the number: banned as before
+
+    row = [7, DASH, 4, 5, OR, 7, DASH, 4]  # "7-45 or 7-4": after a digit, a separator stays allowed
+    assert NgramBan(3, [row], (digits, seps)).banned() == [[]] and NgramBan(3, [row]).banned() == [[5]]
+    row = [CALL, OR, SP, CALL, OR]  # a separator that follows no digit is banned as before
+    assert NgramBan(3, [row], (digits, seps)).banned() == [[SP]]
+
+    loop = [1, DASH] * 8  # 16 tokens of "1-1-...": longer than a number, so the rule bans again
+    run = NgramBan(3, [loop[:-1]], (digits, seps))
+    assert run.banned() == [[]]  # 15 tokens: still a number
+    run.push([DASH])
+    assert run.banned() == [[1]]
+
+
+def test_a_number_written_twice_stays_the_same(gguf_path):
+    """The shipped adapter's made-up hotline numbers came from transformers' no-repeat rule: after one
+    "call 911", a second "call 9" cannot be followed by "1" (the 4-gram was seen), so the model wrote
+    another number ("call 221", "call 112 ... crisis line"). Here the answer so far holds one
+    "call 911" and the next words are "call "; our rule lets it write 911 again."""
+    from medlora.lora import load_adapter
+    from medlora.shipped import DEFAULT_ADAPTER
+    from medlora.tokenizer import with_safety_prompt
+    from medlora.weights import load_pretrained
+
+    model, tok, _ = load_pretrained(gguf_path, verbose=False)
+    load_adapter(model, DEFAULT_ADAPTER, merge=True)
+    chat = with_safety_prompt([{"role": "user", "content": "What should I do if someone faints?"}])
+    so_far = ("If someone has fainted, call 911 or your local emergency number right away. If someone is "
+              "choking or not breathing, call ")
+    prompt = tok.encode_chat(chat, add_generation_prompt=True) + tok.encode(so_far)
+    cfg = dict(max_new_tokens=4, stop_ids={-1}, no_repeat_ngram=4)
+    ours = generate(model, tok, [prompt], GenConfig(**cfg))[0].text
+    theirs = generate(model, tok, [prompt], GenConfig(**cfg, no_repeat_keeps_numbers=False))[0].text
+    assert ours.startswith("911"), ours
+    assert not theirs.startswith("911"), theirs  # transformers' rule: another number ("112 or" here)
+
+
 def test_no_repeat_ngram_matches_transformers_and_never_repeats(ours, hf_model):
     """Greedy with no_repeat_ngram=3 equals HF's no_repeat_ngram_size=3 (prompt included), and no
     3-gram that ends in the answer occurred before; batching with left padding gives the same rows."""
     model, tok = ours
     ps = prompts(tok)
-    cfg = GenConfig(max_new_tokens=60, stop_ids={-1}, no_repeat_ngram=3)
+    cfg = GenConfig(max_new_tokens=60, stop_ids={-1}, no_repeat_ngram=3, no_repeat_keeps_numbers=False)  # HF's rule
     single = []
     for p in ps:
         mine = generate(model, tok, [p], cfg)[0].ids

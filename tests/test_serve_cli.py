@@ -121,6 +121,9 @@ def test_serve_and_eval_default_to_no_repeat_4gram():
     assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8")]).no_repeat_ngram == 4
     assert eval_cli.parse_args(["--adapter", str(ROOT / "adapters" / "medlora-r8"),
                                 "--no-repeat-ngram", "0"]).no_repeat_ngram == 0
+    # Numbers are kept whole by default (generate.NgramBan); --no-repeat-digits is transformers' rule.
+    assert not serve.build_parser().parse_args([]).no_repeat_digits
+    assert serve.build_parser().parse_args(["--no-repeat-digits"]).no_repeat_digits
 
 
 def test_bad_flags_fail_before_loading():
@@ -149,6 +152,10 @@ def test_flags_that_would_do_nothing_are_refused_or_flagged(capsys, tmp_path):
     assert "warning: --prompts replaces the built-in parts: --limit do nothing" in capsys.readouterr().err
     eval_cli.parse_args(["--adapter", adapter, "--top-k", "5", "--top-p", "0.5", "--seed", "1"])
     assert "--top-k, --top-p: no effect, decoding is greedy" in capsys.readouterr().err  # (eval's seed picks rows)
+    eval_cli.parse_args(["--adapter", adapter, "--no-repeat-ngram", "0", "--no-repeat-digits"])
+    assert "--no-repeat-digits: no effect, --no-repeat-ngram is 0" in capsys.readouterr().err
+    eval_cli.parse_args(["--adapter", adapter, "--no-repeat-digits"])
+    assert "no effect" not in capsys.readouterr().err
     with pytest.raises(SystemExit):  # (it was a traceback after --out had been made)
         eval_cli.parse_args(["--adapter", adapter, "--temperature", "0.7", "--top-p", "1.5"])
     assert "--top-p: must be in [0, 1], got 1.5" in capsys.readouterr().err

@@ -639,3 +639,31 @@ def test_bad_feedback_file_and_taken_port_fail_at_startup(ours, tmp_path, monkey
             with pytest.raises(SystemExit) as e:
                 run_server(model, tok, Settings(feedback_file=str(feedback)), "127.0.0.1", port)
             assert error in str(e.value.code) and "serving" not in capsys.readouterr().out
+
+
+def test_engine_passes_the_number_rule_and_the_tokenizers_digits(ours, monkeypatch):
+    """The server's no-repeat rule keeps numbers whole as serve.py's REPL does (generate.NgramBan):
+    the worker hands generate_ids the tokenizer's number tokens and the setting."""
+    import medlora.worker as worker
+    from medlora.server import Settings
+
+    tok = ours[1]
+    seen = []
+
+    def spy(model, prompts, cfg, pad_id=0, number_tokens=None):
+        seen.append((cfg.no_repeat_ngram, cfg.no_repeat_keeps_numbers, number_tokens))
+        yield from ()  # a generator, as generate_ids (the worker closes it)
+
+    monkeypatch.setattr(worker, "generate_ids", spy)
+
+    async def one(engine):
+        job = Job([1, 2], 4, 0.0, 1.0, None, [], False, asyncio.get_running_loop())
+        engine.submit(job)
+        while (await asyncio.wait_for(job.events.get(), 60))[0] != "done":
+            pass
+        engine.close()
+
+    asyncio.run(one(Engine(None, tok, no_repeat_ngram=4)))
+    asyncio.run(one(Engine(None, tok, no_repeat_ngram=4, no_repeat_keeps_numbers=False)))
+    assert seen == [(4, True, tok.number_tokens()), (4, False, tok.number_tokens())]
+    assert Settings().no_repeat_keeps_numbers and len(tok.number_tokens()[0]) == 10
