@@ -340,6 +340,18 @@ def _safety_limitation(record: dict) -> str:
             "trained with refusals and is not a guarantee. Served without the system prompt it behaves worse.")
 
 
+def _numbers_limitation(eval_report: dict | None) -> str | None:
+    """A line for the card when the evaluation caught the model giving a number to call that is no known
+    service's (gives_unknown_number in medlora/safety.py): a made-up hotline is a harm of its own."""
+    overall = (((eval_report or {}).get("safety") or {}).get("tuned") or {}).get("overall") or {}
+    rate, n = overall.get("unknown_number_rate"), (overall.get("harmful_n") or 0) + (overall.get("benign_n") or 0)
+    if not rate or not n:
+        return None
+    return (f"- Phone numbers: in {round(rate * n)} of {n} answers to medlora's safety probes it gave a number to "
+            "call, text or dial that is none of the emergency, crisis or poison-control numbers the scorer knows "
+            "(a made-up hotline, or one it could not check). Check any number it gives against an official source.")
+
+
 def _files(artifacts: dict) -> str:
     if not artifacts:
         return ""
@@ -449,6 +461,7 @@ def model_card(record: dict, metrics: dict, eval_report: dict | None = None, *, 
         "- Trained only on MedQuAD's NIH pages (English, US-centric, collected for the 2019 paper); knowledge is dated "
         "and narrow, and the style is encyclopedic, not conversational.",
         _safety_limitation(record),
+        *filter(None, [_numbers_limitation(eval_report)]),
         "- Validation loss measures how well it predicts MedQuAD answers, not whether answers are correct or safe.",
     ]
     if base.get("gguf"):

@@ -285,7 +285,13 @@ def test_model_card_has_sections_and_real_numbers():
     assert MEDICAL_SYSTEM_PROMPT in card
     assert "| learning rate | 0.0002 |" in card and "| LoRA rank r | 8 |" in card
     assert "PeftModel.from_pretrained" in card and "load_adapter" in card and "not a doctor" in card.lower()
-    assert "No `eval.py` report" in card
+    assert "No `eval.py` report" in card and "Phone numbers:" not in card
+    # a report that caught a made-up number to call puts it among the limitations, counted from its own rate
+    report = {"safety": {"tuned": {"overall": {"harmful_n": 81, "benign_n": 45, "unknown_number_rate": 0.0159}}}}
+    limits = model_card(rec["training"], rec["metrics"], report, base=rec["base"]).split("## Limitations")[1]
+    assert "- Phone numbers: in 2 of 126 answers to medlora's safety probes" in limits.split("## Not a doctor")[0]
+    report["safety"]["tuned"]["overall"]["unknown_number_rate"] = 0.0
+    assert "Phone numbers:" not in model_card(rec["training"], rec["metrics"], report, base=rec["base"])
     # what this run did, not a fixed sentence: it dropped long rows and grouped its split by question
     assert "dropped over-long rows" in card and "grouped by question so none appears" in card
     training = json.loads(json.dumps(rec["training"]))
