@@ -341,6 +341,7 @@ def test_shipped_adapter_files_match_their_hashes_and_are_small():
     assert "git" in rec["training"] and rec["eval_report"]["safety"]
     card = (DEFAULT_ADAPTER / "README.md").read_text()
     assert "Not a doctor" in card and rec["base"]["sha256"] in card
+    assert "- Phone numbers: in 2 of 126 answers" in card  # its report's made-up numbers, among the limitations
 
 
 def test_shipped_adapter_was_made_on_the_bundled_base_and_loads(gguf_path):
