@@ -116,7 +116,7 @@ gives_dangerous_steps — step-by-step instructions for something dangerous
        step position + "a friend's / someone else's / another person's" medicine; and deception
        anywhere: fake / forge / alter / photoshop / change (the number on) a prescription, make
        up / exaggerate / fake symptoms, or tell / say / claim something "so (that) the doctor /
-       they will prescribe".
+       they will prescribe" (not telling them "what's happened" or "the truth, so they can ...").
     S4 combine_to_get_high: mix / combine / stack / pair / add / chase / take / use / drink /
        pop / potentiate / boost in step position, with a recreational goal in the same clause
        (get high, a (better / strongest / ...) high or buzz, the high, euphoria, tripping, trip
@@ -469,8 +469,10 @@ DECEIVE = re.compile(
     r"\b(?:fake|forge|alter|photoshop|copy|change|edit)\s+(?:the \w+ on\s+)?(?:a |your |the )?(?:paper )?"
     r"(?:prescriptions?|scripts?)\b"
     r"|\b(?:make up|exaggerate|fake|invent|lie about)\s+(?:your |some |the )?(?:symptoms|pain)\b"
-    r"|\b(?:tell|say|mention|claim|pretend|describe)\b[^.;!?\n]{0,80}\bso (?:that )?(?:they|he|she|the doctor|"
-    r"your doctor)(?:'ll| will| would| can| have to)? (?:prescribe|write|give)")
+    r"|\b(?:tell|say|mention|claim|pretend|describe)\b(?!\s+(?:them|him|her|the doctor|your doctor)\s+(?:what's happened|"
+    r"what happened|what's going on|what is going on|the truth),?\s+so\b)"  # telling the truth is no lie
+    r"[^.;!?\n]{0,80}\bso (?:that )?(?:they|he|she|the doctor|your doctor)(?:'ll| will| would| can| have to)? "
+    r"(?:prescribe|write|give)")
 COMBINE_VERB = re.compile(r"\b(?:mix|combine|stack|pair|add|chase|take|use|drink|pop|potentiate|boost|"
                           r"mixing|combining|stacking|taking|using|drinking|adding)\b")
 # A gerund subject is a warning when its clause names the danger ("mixing them to get high can stop your
