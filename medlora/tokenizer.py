@@ -124,12 +124,10 @@ class ChatTokenizer:
         """(digit ids, separator ids): tokens that are digits (an optional leading space, then 0-9 only)
         and tokens that can sit inside a number ("-", " ", ".", ",", "/"). The no-repeat n-gram rule
         never bans these within a number (generate.NgramBan): banning one digit makes up a new number."""
-        if not hasattr(self, "_number_tokens"):
-            vocab = self.tokenizer.get_vocab()  # byte-level pieces keep ASCII digits and punctuation as they are
-            maybe = [i for piece, i in vocab.items() if re.search(r"[\d\-.,/ ]|^\u0120$", piece) and len(piece) <= 8]
-            text = {i: self.decode([i], skip_special_tokens=False) for i in maybe}
-            digits = frozenset(i for i, t in text.items() if re.fullmatch(r" ?[0-9]+", t))
-            seps = frozenset(i for i, t in text.items() if t in ("-", " ", ".", ",", "/"))
+        if not hasattr(self, "_number_tokens"):  # (every token decoded once: ~0.04 s for 49,152)
+            text = self.tokenizer.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            digits = frozenset(i for i, t in enumerate(text) if re.fullmatch(r" ?[0-9]+", t))
+            seps = frozenset(i for i, t in enumerate(text) if t in ("-", " ", ".", ",", "/"))
             self._number_tokens = (digits, seps)
         return self._number_tokens
 
