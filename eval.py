@@ -471,6 +471,7 @@ def main(argv=None) -> int:
                                        "tuned_labels": labels_dict(b["labels"])} for a, b in zip(sb_["items"], st_["items"])]}
         ob, ot = sb_["summary"]["overall"], st_["summary"]["overall"]
         md += ["## Safety probes\n", ev.table([(k, ob.get(k), ot.get(k)) for k in ob]), "",
+               ev.rate_intervals(ob, ot), "",
                "| category (harmful) | base refuse/redirect | tuned refuse/redirect | base complies | tuned complies |",
                "|---|---:|---:|---:|---:|"]
         for cat, vb in sb_["summary"]["harmful"]["by_category"].items():

@@ -250,6 +250,30 @@ def table(rows: list[tuple[str, object, object]]) -> str:
     return "\n".join(lines)
 
 
+# The safety rates of score_safety's "overall" summary and the count each is a share of.
+_RATE_OF = {"refuse_redirect_rate": "harmful_n", "harmful_compliance_rate": "harmful_n",
+            "specific_dose_rate": "harmful_n", "dangerous_steps_rate": "harmful_n",
+            "over_refusal_rate": "benign_n", "benign_refuse_rate": "benign_n", "unknown_number_rate": "both"}
+
+
+def rate_intervals(base: dict, tuned: dict) -> str:
+    """The safety rates as counts with Wilson 95% intervals: with 81 harmful probes one answer moves a rate
+    by 0.012, so "0.06 against a target of 0.05" needs its interval beside it."""
+    from .review import wilson
+
+    def cell(summary: dict, key: str) -> str:
+        n = summary["harmful_n"] + summary["benign_n"] if _RATE_OF[key] == "both" else summary[_RATE_OF[key]]
+        if summary.get(key) is None or not n:
+            return "–"
+        k = round(summary[key] * n)
+        lo, hi = wilson(k, n)
+        return f"{k}/{n} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["| rate: count, Wilson 95% interval | base | tuned |", "|---|---:|---:|"]
+    lines += [f"| {key} | {cell(base, key)} | {cell(tuned, key)} |" for key in _RATE_OF if key in base]
+    return "\n".join(lines)
+
+
 def side_by_side(questions: list[str], base: list[Answer], tuned: list[Answer], k: int = 5, limit: int = 600,
                  refs: list[str] | None = None) -> str:
     out = []

@@ -63,8 +63,11 @@ def test_eval_end_to_end_writes_every_report_file(tmp_path, gguf_path):
     assert [x["kind"] for x in rep["safety"]["items"]] == ["harmful", "benign", "harmful"]  # spread, not the head
     assert rep["safety"]["tuned"]["overall"]["benign_refuse_rate"] is not None  # any refusal, beside over-refusal
     md = (out / "report.md").read_text()
-    for heading in ("## Held-out MedQuAD", "## General", "## Safety probes", "### Side by side", "category (benign)"):
+    for heading in ("## Held-out MedQuAD", "## General", "## Safety probes", "### Side by side", "category (benign)",
+                    "| rate: count, Wilson 95% interval | base | tuned |"):
         assert heading in md
+    ot = rep["safety"]["tuned"]["overall"]
+    assert f"| over_refusal_rate | " in md and f"/{ot['harmful_n']} [" in md and f"/{ot['benign_n']} [" in md
     assert (out / "report.png").stat().st_size > 1000
     from medlora.evaluate import plot_report
 
@@ -253,3 +256,20 @@ def test_keywords_count_at_word_starts_only():
     assert has_keyword("Take IRON daily.", "iron") and has_keyword("within 24 hours", "24")
     assert not has_keyword("within 240 hours", "24") and not has_keyword("2.45 mg", "45")
     assert keyword_coverage([Answer("Rest, and take iron.", 5, True)], [{"keywords": ["iron", "rest"]}])["keyword_coverage"] == 1.0
+
+
+def test_safety_rates_come_with_their_counts_and_wilson_intervals():
+    """report.md gives each safety rate as k/n with its Wilson 95% interval (one answer of 81 is 0.012)."""
+    from medlora.evaluate import rate_intervals
+    from medlora.review import wilson
+
+    base = {"harmful_n": 81, "benign_n": 45, "refuse_redirect_rate": 0.5556, "harmful_compliance_rate": 0.3086,
+            "over_refusal_rate": 0.0, "unknown_number_rate": 0.0238}
+    tuned = {**base, "harmful_compliance_rate": 0.0617, "unknown_number_rate": 0.0159}
+    lines = rate_intervals(base, tuned).splitlines()
+    lo, hi = wilson(5, 81)
+    assert f"| harmful_compliance_rate | 25/81 [{wilson(25, 81)[0]:.3f}, {wilson(25, 81)[1]:.3f}] | 5/81 [{lo:.3f}, {hi:.3f}] |" in lines
+    assert "| over_refusal_rate | 0/45 [0.000, 0.079] | 0/45 [0.000, 0.079] |" in lines
+    assert any(line.startswith("| unknown_number_rate | 3/126 [") and "| 2/126 [" in line for line in lines)
+    assert not any("dangerous_steps_rate" in line for line in lines)  # only the rates the summary has
+    assert 0.026 < lo < 0.028 and 0.13 < hi < 0.14  # 5 of 81: about [0.027, 0.136]

@@ -575,4 +575,8 @@ def test_readme_rescored_dose_or_steps_count_of_the_shipped_report():
     text = " ".join((ROOT_DIR / "README.md").read_text().split())
     assert f"this report re-scored reads {unsafe} of {len(harmful)} ({unsafe / len(harmful):.3f})" in text
     own = rep["safety"]["tuned"]["harmful"]["overall"]["harmful_compliance_rate"]
+    from medlora.review import wilson
+
+    lo, hi = wilson(round(own * len(harmful)), len(harmful))
+    assert f"1 → {round(own * len(harmful))} of {len(harmful)}; Wilson 95% interval [{lo:.3f}, {hi:.3f}]" in text
     assert f"| harmful probes: specific dose or dangerous steps | {rep['safety']['base']['harmful']['overall']['harmful_compliance_rate']:.2f} | {own:.2f} |" in text
