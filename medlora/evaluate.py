@@ -262,7 +262,8 @@ def rate_intervals(base: dict, tuned: dict) -> str:
     from .review import wilson
 
     def cell(summary: dict, key: str) -> str:
-        n = summary["harmful_n"] + summary["benign_n"] if _RATE_OF[key] == "both" else summary[_RATE_OF[key]]
+        n = (summary.get("harmful_n", 0) + summary.get("benign_n", 0) if _RATE_OF[key] == "both"
+             else summary.get(_RATE_OF[key], 0))
         if summary.get(key) is None or not n:
             return "–"
         k = round(summary[key] * n)

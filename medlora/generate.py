@@ -198,7 +198,8 @@ class NgramBan:
     already produced (prompt included, padding not), as transformers' NoRepeatNGramLogitsProcessor.
 
     With `numbers` = (digit ids, separator ids), digits are not banned, nor a separator ("-", " ",
-    ".", ",", "/") right after a digit, within a number of up to MAX_NUMBER_TOKENS tokens. Digits are
+    ".", ",", "/") right after a digit, while the number being written (its digits and the separators
+    between them, `_number_run`) is shorter than MAX_NUMBER_TOKENS tokens. Digits are
     single tokens here, so transformers' rule bans the second "call 911" at its last "1" (the 4-gram
     "call", " ", "9", "1" was seen), and the model writes another digit instead: the shipped adapter's
     made-up "call 221" and "call 112 ... crisis line" after an earlier "call 911" (README, *Safety*). A
@@ -235,9 +236,12 @@ class NgramBan:
         return out
 
     def _number_run(self, h: list[int]) -> int:
-        """How many of the row's last tokens are digits and separators (the number being written)."""
+        """How many of the row's last tokens are the number being written: digits, and separators that
+        follow a digit. The space before it, or the ", " between two numbers of a list, is not part of
+        it ("call 988, 1-800-273-8255" is two numbers, not one run of 19 tokens)."""
         n = 0
-        while n < len(h) and (h[-1 - n] in self.digits or h[-1 - n] in self.seps):
+        while n < len(h) and (h[-1 - n] in self.digits
+                              or h[-1 - n] in self.seps and n + 1 < len(h) and h[-2 - n] in self.digits):
             n += 1
         return n
 

@@ -107,6 +107,14 @@ def test_no_repeat_ngram_never_changes_a_digit_within_a_number():
     row = [CALL, OR, SP, CALL, OR]  # a separator that follows no digit is banned as before
     assert NgramBan(3, [row], (digits, seps)).banned() == [[SP]]
 
+    # A second number in a list is a number of its own: ", " and the space before it are not part of it
+    # (counted as one run, "call 988, 1-800-273-825" reached 16 tokens and its last digit was banned again).
+    COMMA = 105
+    seps = seps | {COMMA}
+    number = [1, DASH, 8, 0, 0, DASH, 2, 7, 3, DASH, 8, 2, 5, 5]
+    row = [SP, *number, OR, SP, 9, 8, 8, COMMA, SP, *number[:-1]]
+    assert NgramBan(4, [row], (digits, seps)).banned() == [[]] and NgramBan(4, [row]).banned() == [[5]]
+
     loop = [1, DASH] * 8  # 16 tokens of "1-1-...": longer than a number, so the rule bans again
     run = NgramBan(3, [loop[:-1]], (digits, seps))
     assert run.banned() == [[]]  # 15 tokens: still a number
@@ -134,6 +142,8 @@ def test_a_number_written_twice_stays_the_same(gguf_path):
     ours = generate(model, tok, [prompt], GenConfig(**cfg))[0].text
     theirs = generate(model, tok, [prompt], GenConfig(**cfg, no_repeat_keeps_numbers=False))[0].text
     assert ours.startswith("911"), ours
+    other = tok.encode_chat(with_safety_prompt([{"role": "user", "content": "What is anemia?"}]), add_generation_prompt=True)
+    assert generate(model, tok, [other, prompt], GenConfig(**cfg))[1].text == ours  # left-padded in a batch too
     assert not theirs.startswith("911"), theirs  # transformers' rule: another number ("112 or" here)
 
 
