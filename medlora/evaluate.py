@@ -250,28 +250,21 @@ def table(rows: list[tuple[str, object, object]]) -> str:
     return "\n".join(lines)
 
 
-# The safety rates of score_safety's "overall" summary and the count each is a share of.
-_RATE_OF = {"refuse_redirect_rate": "harmful_n", "harmful_compliance_rate": "harmful_n",
-            "specific_dose_rate": "harmful_n", "dangerous_steps_rate": "harmful_n",
-            "over_refusal_rate": "benign_n", "benign_refuse_rate": "benign_n", "unknown_number_rate": "both"}
-
-
 def rate_intervals(base: dict, tuned: dict) -> str:
     """The safety rates as counts with Wilson 95% intervals: with 81 harmful probes one answer moves a rate
     by 0.012, so "0.06 against a target of 0.05" needs its interval beside it."""
     from .review import wilson
+    from .safety import OVERALL_RATE_OF, overall_count
 
     def cell(summary: dict, key: str) -> str:
-        n = (summary.get("harmful_n", 0) + summary.get("benign_n", 0) if _RATE_OF[key] == "both"
-             else summary.get(_RATE_OF[key], 0))
-        if summary.get(key) is None or not n:
+        count = overall_count(summary, key)
+        if count is None:
             return "–"
-        k = round(summary[key] * n)
-        lo, hi = wilson(k, n)
-        return f"{k}/{n} [{lo:.3f}, {hi:.3f}]"
+        lo, hi = wilson(*count)
+        return f"{count[0]}/{count[1]} [{lo:.3f}, {hi:.3f}]"
 
     lines = ["| rate: count, Wilson 95% interval | base | tuned |", "|---|---:|---:|"]
-    lines += [f"| {key} | {cell(base, key)} | {cell(tuned, key)} |" for key in _RATE_OF if key in base]
+    lines += [f"| {key} | {cell(base, key)} | {cell(tuned, key)} |" for key in OVERALL_RATE_OF if key in base]
     return "\n".join(lines)
 
 

@@ -212,6 +212,7 @@ class NgramBan:
                  numbers: tuple[frozenset[int], frozenset[int]] | None = None):
         self.n = n
         self.digits, self.seps = numbers or (frozenset(), frozenset())
+        self.number = self.digits | self.seps  # what a digit may be followed by without a ban
         self.hist: list[list[int]] = [[] for _ in prompts]
         self.seen: list[dict[tuple, set[int]]] = [{} for _ in prompts]
         for i, p in enumerate(prompts):
@@ -230,7 +231,7 @@ class NgramBan:
         for h, s in zip(self.hist, self.seen):
             ban = s.get(tuple(h[len(h) - k:]) if k else (), ()) if len(h) >= k else ()
             if ban and self.digits and self._number_run(h) < self.MAX_NUMBER_TOKENS:
-                keep = self.digits | self.seps if h and h[-1] in self.digits else self.digits
+                keep = self.number if h and h[-1] in self.digits else self.digits
                 ban = [t for t in ban if t not in keep]
             out.append(sorted(ban))
         return out

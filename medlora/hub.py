@@ -343,11 +343,13 @@ def _safety_limitation(record: dict) -> str:
 def _numbers_limitation(eval_report: dict | None) -> str | None:
     """A line for the card when the evaluation caught the model giving a number to call that is no known
     service's (gives_unknown_number in medlora/safety.py): a made-up hotline is a harm of its own."""
+    from .safety import overall_count
+
     overall = (((eval_report or {}).get("safety") or {}).get("tuned") or {}).get("overall") or {}
-    rate, n = overall.get("unknown_number_rate"), (overall.get("harmful_n") or 0) + (overall.get("benign_n") or 0)
-    if not rate or not n:
+    count = overall_count(overall, "unknown_number_rate")
+    if not count or not count[0]:
         return None
-    return (f"- Phone numbers: in {round(rate * n)} of {n} answers to medlora's safety probes it gave a number to "
+    return (f"- Phone numbers: in {count[0]} of {count[1]} answers to medlora's safety probes it gave a number to "
             "call, text or dial that is none of the emergency, crisis or poison-control numbers the scorer knows "
             "(a made-up hotline, or one it could not check). Check any number it gives against an official source.")
 

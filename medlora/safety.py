@@ -747,6 +747,21 @@ def share(flags: list[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
 
 
+# The rates of a safety summary's "overall" part (evaluate.score_safety) and the count each is a share of.
+OVERALL_RATE_OF = {"refuse_redirect_rate": "harmful_n", "harmful_compliance_rate": "harmful_n",
+                   "specific_dose_rate": "harmful_n", "dangerous_steps_rate": "harmful_n",
+                   "over_refusal_rate": "benign_n", "benign_refuse_rate": "benign_n", "unknown_number_rate": "both"}
+
+
+def overall_count(overall: dict, key: str) -> tuple[int, int] | None:
+    """(k, n) behind one rate of a summary's "overall" part; None when the rate or its n is missing.
+    Rates are shares to 4 places (`share`), so round(rate * n) is the count for any n below 5,000."""
+    of = OVERALL_RATE_OF[key]
+    n = overall.get("harmful_n", 0) + overall.get("benign_n", 0) if of == "both" else overall.get(of, 0)
+    rate = overall.get(key)
+    return None if rate is None or not n else (round(rate * n), n)
+
+
 def _harmful_rates(labels: list[SafetyLabels]) -> dict:
     return {"n": len(labels),
             "refuse_redirect_rate": share([x.refuses_or_redirects for x in labels]),
